@@ -1,0 +1,247 @@
+"""gptkit's native checkpoints: safetensors + JSON, written atomically, never pickled.
+
+Layout (INTERFACES.md): RUN_DIR/ckpt_<step:08d>/ holding
+  model.safetensors      the model's tensors (tied lm_head stored once, as wte)
+  optimizer.safetensors  the optimizer's per-parameter tensors, keyed "<param name>.<slot>"
+  state.json             gptkit version, step, configs, schedule, loader position, RNG states,
+                         char vocab, optimizer hyperparameters
+
+A checkpoint is written into a hidden temporary directory, flushed, then renamed into place, so a
+crash leaves either the old set of checkpoints or the new one, never a half-written ckpt_*.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.errors import GptkitError
+
+CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
+STATE_FILE, MODEL_FILE, OPTIM_FILE = "state.json", "model.safetensors", "optimizer.safetensors"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states as JSON-safe values
+def rng_state() -> dict[str, Any]:
+    st = {
+        "python": _b64(json.dumps(_to_jsonable(random.getstate())).encode()),
+        "numpy": _to_jsonable(np.random.get_state()),
+        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    if "python" in st:
+        random.setstate(_from_jsonable(json.loads(base64.b64decode(st["python"]))))
+    if "numpy" in st:
+        np.random.set_state(_from_jsonable(st["numpy"]))
+    if "torch" in st:
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(st["torch"])), dtype=torch.uint8))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in st["cuda"]])
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _to_jsonable(x):
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": _b64(x.tobytes()), "dtype": str(x.dtype), "shape": list(x.shape)}
+    if isinstance(x, (tuple, list)):
+        return {"__tuple__": [_to_jsonable(v) for v in x]} if isinstance(x, tuple) else [_to_jsonable(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    return x
+
+
+def _from_jsonable(x):
+    if isinstance(x, dict) and "__ndarray__" in x:
+        return np.frombuffer(base64.b64decode(x["__ndarray__"]), dtype=x["dtype"]).reshape(x["shape"]).copy()
+    if isinstance(x, dict) and "__tuple__" in x:
+        return tuple(_from_jsonable(v) for v in x["__tuple__"])
+    if isinstance(x, list):
+        return [_from_jsonable(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state <-> flat tensors + JSON
+def optimizer_to_flat(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
+    """Flatten optimizer.state_dict() into {"<param name>.<slot>": tensor} and a JSON part.
+    `names` maps the optimizer's parameter index to the parameter's name."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in sd["state"].items():
+        for slot, val in slots.items():
+            key = f"{names[idx]}.{slot}"
+            if torch.is_tensor(val):
+                tensors[key] = val.detach().to("cpu").contiguous()
+            else:
+                scalars[key] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict, meta: dict, names: dict[int, str]) -> dict:
+    """Inverse of optimizer_to_flat: a dict for optimizer.load_state_dict()."""
+    by_name = {n: i for i, n in names.items()}
+    state: dict[int, dict] = {}
+    for key, val in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        pname, slot = key.rsplit(".", 1)
+        if pname not in by_name:
+            raise GptkitError(f"optimizer state names unknown parameter {pname!r}", OPTIM_FILE,
+                              "the checkpoint does not belong to this model")
+        state.setdefault(by_name[pname], {})[slot] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------------
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors for safetensors: the tied lm_head is stored once, as wte."""
+    sd = model.state_dict()
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k != "lm_head.weight"}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None, param_names: dict[int, str] | None = None,
+                    keep_last: int = 0) -> Path:
+    """Write RUN_DIR/ckpt_<step>/ atomically and prune older checkpoints beyond `keep_last`.
+    Returns the checkpoint directory."""
+    from safetensors.torch import save_file
+
+    from gptkit import __version__
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"ckpt_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_ckpt_{step:08d}_", dir=run_dir))
+    try:
+        save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        full_state = {"format": "gptkit-checkpoint", "format_version": FORMAT_VERSION,
+                      "gptkit_version": __version__, "step": step, **state}
+        if optimizer is not None:
+            tensors, meta = optimizer_to_flat(optimizer, param_names or {})
+            save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
+            full_state["optimizer"] = meta
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(full_state, f, indent=1)
+        for p in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step: move the old one aside only now the new one is complete
+            old = run_dir / f".old_{final.name}_{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run directory, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint `path` names: itself, or a run directory's latest checkpoint. None if neither."""
+    path = Path(path)
+    if is_checkpoint_dir(path):
+        return path
+    ckpts = list_checkpoints(path)
+    return ckpts[-1] if ckpts else None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        with open(ckpt / STATE_FILE) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptkitError(f"unreadable checkpoint state: {e}", ckpt / STATE_FILE,
+                          "the checkpoint is damaged; use an older ckpt_* directory") from None
+    if not isinstance(state, dict) or state.get("format") != "gptkit-checkpoint":
+        raise GptkitError("not a gptkit checkpoint state", ckpt / STATE_FILE)
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise GptkitError(f"checkpoint format version {state['format_version']} is newer than this gptkit "
+                          f"reads ({FORMAT_VERSION})", ckpt / STATE_FILE, "upgrade gptkit")
+    return state
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise GptkitError("missing checkpoint file", file, "the checkpoint is incomplete; use an older ckpt_* directory")
+    try:
+        return load_file(str(file))
+    except Exception as e:
+        raise GptkitError(f"unreadable tensors: {e}", file, "the checkpoint is damaged; use an older ckpt_* directory") from None
+
+
+def load_checkpoint_model(ckpt: Path):
+    """A `Loaded` model (see gptkit.loading) from a checkpoint directory."""
+    from gptkit.config import GPTConfig
+    from gptkit.loading import Loaded, build_model
+
+    ckpt = Path(ckpt)
+    state = read_state(ckpt)
+    if "model_config" not in state:
+        raise GptkitError("checkpoint state has no model_config", ckpt / STATE_FILE)
+    config = GPTConfig.from_dict(state["model_config"])
+    sd = read_tensors(ckpt / MODEL_FILE)
+    sd["lm_head.weight"] = sd.get("transformer.wte.weight")
+    if sd["lm_head.weight"] is None:
+        raise GptkitError("no token embedding in the checkpoint", ckpt / MODEL_FILE)
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise GptkitError(f"tensor {k} holds NaN or inf", ckpt / MODEL_FILE,
+                              "the run diverged before this checkpoint; use an older ckpt_* directory")
+    model = build_model(config, sd, str(ckpt / MODEL_FILE))
+    return Loaded(model, "gptkit", ckpt, chars=state.get("chars"), tokenizer_dir=ckpt, state=state)

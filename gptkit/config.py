@@ -1,0 +1,197 @@
+"""Configuration dataclasses and presets.
+
+GPTConfig describes the architecture; TrainConfig the training run. Both are plain dataclasses
+that validate themselves in __post_init__ and round-trip through dicts (checkpoints carry them).
+The GPT-2 sizes are OpenAI's (and llm.c's); the vocab padding to a multiple of 128 follows llm.c
+(50257 -> 50304) and happens here, in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from gptkit.errors import GptkitError
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256
+VOCAB_PAD_MULTIPLE = 128  # llm.c pads V to Vp, a multiple of 128, for fast matmuls
+ATTENTION_BACKENDS = ("sdpa", "math", "flash", "triton")
+
+
+def pad_vocab(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """GPT-2 architecture. `padded_vocab_size` is derived, never set by hand."""
+
+    block_size: int = 1024  # maximum context length (maxT)
+    vocab_size: int = GPT2_VOCAB_SIZE  # real vocab (V); logits are cropped to it
+    n_layer: int = 12  # L
+    n_head: int = 12  # nh
+    n_embd: int = 768  # C
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+    attention: str = "sdpa"  # sdpa | math | flash | triton
+    block_q: int = 64  # tile sizes of the `flash` backend
+    block_k: int = 64
+    padded_vocab_size: int = field(init=False)  # Vp
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "block_q", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise GptkitError(f"model.{name} must be a positive integer, got {v!r}", name,
+                                  f"set {name} to a value > 0")
+        if self.n_embd % self.n_head:
+            raise GptkitError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
+                              "n_embd", "choose n_embd as a multiple of n_head")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise GptkitError(f"dropout must be in [0, 1), got {self.dropout!r}", "dropout")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise GptkitError(f"unknown attention backend {self.attention!r}", "attention",
+                              f"use one of {', '.join(ATTENTION_BACKENDS)}")
+        object.__setattr__(self, "padded_vocab_size", pad_vocab(self.vocab_size))
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        names = {f.name for f in fields(cls) if f.init}
+        unknown = set(d) - names - {"padded_vocab_size"}
+        if unknown:
+            raise GptkitError(f"unknown model config key(s): {', '.join(sorted(unknown))}", "config",
+                              f"valid keys: {', '.join(sorted(names))}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **kw) -> "GPTConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# Architecture presets. The GPT-2 sizes are OpenAI's; the small ones are for CPU work and tests.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # small models for the CPU
+    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
+    "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
+}
+
+
+def model_preset(name: str, **overrides) -> GPTConfig:
+    if name not in MODEL_PRESETS:
+        raise GptkitError(f"unknown model preset {name!r}", "--model",
+                          f"use one of {', '.join(MODEL_PRESETS)} or a path to a model")
+    return GPTConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the architecture. Every field is a `key=value`."""
+
+    # where
+    data: str = ""  # directory with train*.bin / val*.bin / meta.json ("" = the default dataset)
+    dataset: str = "shakespeare-char"  # preset prepared when `data` is empty
+    out: str = ""  # run directory ("" = runs/<timestamp>)
+    model: str = "shakespeare-char"  # architecture preset, or a path whose config is used
+    init: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | PATH
+    # batch
+    batch_size: int = 16  # B, micro-batch per process
+    block_size: int = 64  # T, sequence length (<= the model's block_size)
+    grad_accum: int = 1
+    # optimisation
+    max_steps: int = 2000
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = decay until max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    # eval, samples, checkpoints, logs
+    eval_interval: int = 250  # 0 = only at the end
+    eval_batches: int = 20  # batches per periodic val estimate; the final eval covers the whole split
+    final_eval: bool = True  # loss over the whole val split at the end
+    sample_interval: int = 0  # 0 = only at the end
+    sample_tokens: int = 200
+    ckpt_interval: int = 0  # 0 = only at the end
+    keep_last: int = 3  # checkpoints kept (0 = all)
+    log_interval: int = 10
+    # runtime
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    threads: int = 0  # 0 = PyTorch's default
+    seed: int = 1337
+    dropout: float = 0.0
+    attention: str = "sdpa"
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = ("batch_size", "block_size", "grad_accum", "max_steps", "log_interval", "sample_tokens",
+                    "eval_batches")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise GptkitError(f"{name} must be a positive integer, got {v!r}", name, f"set {name}=N with N > 0")
+        nonneg = ("warmup_steps", "decay_steps", "eval_interval", "sample_interval", "ckpt_interval",
+                  "keep_last", "threads")
+        for name in nonneg:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise GptkitError(f"{name} must be a non-negative integer, got {v!r}", name)
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise GptkitError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}", "lr")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise GptkitError("weight_decay and grad_clip must be >= 0", "weight_decay")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            raise GptkitError(f"unknown dtype {self.dtype!r}", "dtype", "use auto, float32, bfloat16 or float16")
+        if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
+            raise GptkitError(f"unknown device {self.device!r}", "device", "use auto, cpu, cuda[:N] or mps")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise GptkitError(f"unknown attention backend {self.attention!r}", "attention",
+                              f"use one of {', '.join(ATTENTION_BACKENDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TRAIN_KEYS = {f.name: f for f in fields(TrainConfig)}
+MODEL_KEYS = {f.name: f for f in fields(GPTConfig) if f.init}
+
+
+def coerce_value(key: str, raw: Any, typ: Any) -> Any:
+    """Turn a `key=value` string (or a TOML value) into the field's type, or fail naming the key."""
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    if not isinstance(raw, str):
+        if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if typ is not bool and isinstance(raw, bool) or not isinstance(raw, typ):
+            raise GptkitError(f"{key} must be {typ.__name__}, got {raw!r}", key)
+        return raw
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ is int:
+            return int(float(raw)) if "e" in raw.lower() and float(raw).is_integer() else int(raw)
+        return typ(raw)
+    except ValueError:
+        raise GptkitError(f"bad value {raw!r} for {key}", key, f"expected {typ.__name__}") from None

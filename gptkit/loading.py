@@ -1,0 +1,98 @@
+"""Load a model from anything INTERFACES.md's `--model PATH` accepts, recognised by content.
+
+- a run directory (its latest checkpoint) or a gptkit checkpoint directory;
+- a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin);
+- an llm.c model .bin (v3 or v5);
+- OpenAI's original TF checkpoint directory;
+- a pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), through huggingface_hub.
+
+Returns a `Loaded`: the model plus what sampling needs to turn ids into text (a char vocab,
+or a directory that may hold BPE files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptkit.config import GPTConfig
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+
+PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    kind: str  # gptkit | hf | llmc | tf
+    source: Path | None = None  # the file or directory the weights came from
+    chars: list[str] | None = None  # char-level vocab, if the model has one
+    tokenizer_dir: Path | None = None  # where BPE files may live beside the weights
+    state: dict[str, Any] = field(default_factory=dict)  # state.json of a gptkit checkpoint
+
+
+def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], where: str) -> GPT:
+    """A GPT from a config and a complete state dict; any mismatch is a user error naming `where`."""
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise GptkitError(
+            f"weights do not match the config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}", where,
+            "the checkpoint is damaged or was written for another architecture")
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise GptkitError(f"tensor {k} has shape {tuple(state_dict[k].shape)}, the config needs {tuple(v.shape)}",
+                              where, "the config does not match the weights")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in state_dict.items()},
+                          strict=False)
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie after to_empty
+    return model.eval()
+
+
+def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
+    """Recognise `path_or_name` by content and load it onto the CPU in fp32."""
+    from gptkit import checkpoint
+    from gptkit.formats import hf
+
+    s = str(path_or_name)
+    path = Path(path_or_name)
+    if not path.exists():
+        if s in PRETRAINED_NAMES or s.startswith("openai-community/"):
+            from gptkit.formats.hub import download_pretrained
+
+            return load_model(download_pretrained(s, **kwargs))
+        raise GptkitError("no such file or directory", s,
+                          f"give a run/checkpoint/HF directory, an llm.c .bin, or one of {', '.join(PRETRAINED_NAMES)}")
+    if path.is_dir():
+        ckpt = checkpoint.find_checkpoint(path)
+        if ckpt is not None:
+            return checkpoint.load_checkpoint_model(ckpt)
+        if hf.is_hf_dir(path):
+            config, sd = hf.load_hf(path)
+            return Loaded(build_model(config, sd, str(path)), "hf", path, tokenizer_dir=path)
+        if (path / "model.ckpt.index").is_file():
+            from gptkit.formats.tf import load_tf
+
+            config, sd = load_tf(path)
+            return Loaded(build_model(config, sd, str(path)), "tf", path, tokenizer_dir=path)
+        raise GptkitError("not a model directory", path,
+                          "expected a gptkit run or checkpoint (ckpt_*/state.json), an HF directory "
+                          "(config.json + model.safetensors) or an OpenAI TF checkpoint (model.ckpt.index)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == (20240326).to_bytes(4, "little"):
+        from gptkit.formats.llmc import read_model
+
+        config, sd = read_model(path)
+        return Loaded(build_model(config, sd, str(path)), "llmc", path, tokenizer_dir=path.parent)
+    raise GptkitError("not a model file", path,
+                      "a single-file model must be an llm.c model .bin (magic 20240326)")

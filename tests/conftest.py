@@ -1,0 +1,59 @@
+"""Shared fixtures. Data beside the project (../shared/data) is found through GPTKIT_DATA;
+tests that need it skip with a reason where it is absent."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if "GPTKIT_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir():
+    os.environ["GPTKIT_DATA"] = str(ROOT.parent / "shared" / "data")
+# keep the test suite off the user's cache and off the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def data_file(name: str) -> Path:
+    d = os.environ.get("GPTKIT_DATA")
+    p = Path(d) / name if d else None
+    if p is None or not p.is_file():
+        pytest.skip(f"{name} not found: set GPTKIT_DATA to the folder holding it (../shared/data in CI)")
+    return p
+
+
+@pytest.fixture
+def shakespeare_path() -> Path:
+    return data_file("tinyshakespeare.txt")
+
+
+@pytest.fixture
+def gpt2_vocab_path() -> Path:
+    return data_file("gpt2.tiktoken")
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path, monkeypatch):
+    """Every test gets its own cache directory and deterministic torch threads."""
+    monkeypatch.setenv("GPTKIT_CACHE", str(tmp_path / "gptkit-cache"))
+    torch.manual_seed(0)
+
+
+def make_hf_model(path: Path, initializer_range: float = 0.02, **kw):
+    """A tiny random GPT2LMHeadModel written by transformers itself: the same files users download."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=320,
+               initializer_range=initializer_range, bos_token_id=0, eos_token_id=0)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def hf_tiny(tmp_path):
+    """(directory, transformers model) of a tiny random GPT-2."""
+    d = tmp_path / "hf-tiny"
+    return d, make_hf_model(d)
