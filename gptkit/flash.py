@@ -1,0 +1,228 @@
+"""gptkit's own tiled ("flash") attention in plain PyTorch.
+
+The algorithm is FlashAttention-2's (Dao, 2023), written with PyTorch ops over tiles:
+
+- forward: queries are cut into blocks of `block_q` rows and keys into blocks of `block_k`.
+  Each query block walks over the key blocks it can see, keeping a running row maximum `m`,
+  a running denominator `l` and an unnormalised output (the "online softmax"). Key blocks that
+  lie entirely in a query block's future are never touched (causal block skipping), and only
+  blocks that straddle the diagonal build a mask.
+- memory: the autograd graph keeps only q, k, v, the output O and the row logsumexp L
+  (B, nh, Tq). Nothing of size Tq x Tk is stored; the largest temporary is one
+  (B, nh, block_q, block_k) tile.
+- backward: recomputes each tile's probabilities from L (P = exp(S - L)) and accumulates
+  dQ, dK, dV tile by tile, using D = rowsum(dO * O) for the softmax gradient.
+
+Matmuls run in the input dtype (bf16 under autocast on CPU hits AMX); softmax statistics and
+accumulators are fp32 (fp64 for fp64 inputs, so gradcheck is exact).
+
+Dropout on the attention probabilities is supported: each tile draws its keep-mask from a
+generator seeded by (call seed, tile), so the backward pass regenerates exactly the same mask
+without storing it.
+
+Shapes: q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs). Query i sits at absolute
+position q_offset + i; key_mask (B, Tk) bool marks padding keys (False).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptkit.errors import GptkitError
+
+_NEG_INF = float("-inf")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _key_blocks_end(i1: int, q_offset: int, Tk: int) -> int:
+    """One past the last key that the query at row i1-1 may see."""
+    return min(Tk, q_offset + i1)
+
+
+def _tile_seed(seed: int, ib: int, jb: int) -> int:
+    return (seed * 1_000_003 + ib * 65_537 + jb) % (2**63 - 1)
+
+
+def _tile_keep(seed: int, ib: int, jb: int, shape, device) -> torch.Tensor:
+    """The dropout keep-uniforms of tile (ib, jb): the same numbers in forward and backward."""
+    g = torch.Generator(device=device)
+    g.manual_seed(_tile_seed(seed, ib, jb))
+    return torch.rand(shape, generator=g, device=device)
+
+
+def dropout_keep_mask(seed: int, shape, dropout_p: float, block_q: int, block_k: int, device="cpu") -> torch.Tensor:
+    """The full (B, nh, Tq, Tk) keep-mask that `flash_attention` uses for `seed` (for tests)."""
+    B, nh, Tq, Tk = shape
+    keep = torch.empty(shape, dtype=torch.bool, device=device)
+    for ib, i0 in enumerate(range(0, Tq, block_q)):
+        i1 = min(i0 + block_q, Tq)
+        for jb, j0 in enumerate(range(0, Tk, block_k)):
+            j1 = min(j0 + block_k, Tk)
+            keep[:, :, i0:i1, j0:j1] = _tile_keep(seed, ib, jb, (B, nh, i1 - i0, j1 - j0), device) >= dropout_p
+    return keep
+
+
+def _tile_mask(i0: int, i1: int, j0: int, j1: int, q_offset: int, device) -> torch.Tensor | None:
+    """(bq, bk) bool, True = hidden (a key in the query's future); None if the tile is all visible."""
+    if j1 - 1 <= q_offset + i0:
+        return None
+    qpos = torch.arange(q_offset + i0, q_offset + i1, device=device)[:, None]
+    kpos = torch.arange(j0, j1, device=device)[None, :]
+    return kpos > qpos
+
+
+def _scores(qi, kj, i0, i1, j0, j1, q_offset, pad, acc):
+    """Masked scores of one tile, (B, nh, bq, bk) in the accumulator dtype. qi is pre-scaled."""
+    s = torch.matmul(qi, kj.transpose(-2, -1)).to(acc)
+    cm = _tile_mask(i0, i1, j0, j1, q_offset, s.device)
+    if cm is not None:
+        s.masked_fill_(cm, _NEG_INF)
+    if pad is not None:
+        s.masked_fill_(pad, _NEG_INF)
+    return s
+
+
+def _pad_tiles(key_mask, Tk, block_k):
+    """Per key block: None if it has no padding, else a (B, 1, 1, bk) bool mask, True = hidden."""
+    if key_mask is None:
+        return [None] * ((Tk + block_k - 1) // block_k)
+    hidden = ~key_mask[:, :Tk].bool()
+    out = []
+    for j0 in range(0, Tk, block_k):
+        h = hidden[:, j0:j0 + block_k]
+        out.append(h[:, None, None, :] if bool(h.any()) else None)
+    return out
+
+
+def _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    qs = q * (1.0 / math.sqrt(hs))  # pre-scaled queries
+    pads = _pad_tiles(key_mask, Tk, block_k)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, nh, Tq, dtype=acc, device=q.device)
+    for ib, i0 in enumerate(range(0, Tq, block_q)):
+        i1 = min(i0 + block_q, Tq)
+        qi = qs[:, :, i0:i1]  # (B, nh, bq, hs)
+        m = l = o_acc = None
+        for jb, j0 in enumerate(range(0, _key_blocks_end(i1, q_offset, Tk), block_k)):
+            j1 = min(j0 + block_k, Tk)
+            s = _scores(qi, k[:, :, j0:j1], i0, i1, j0, j1, q_offset, pads[jb], acc)  # (B, nh, bq, bk)
+            m_tile = s.amax(-1)
+            m_new = m_tile if m is None else torch.maximum(m, m_tile)
+            # rows that have seen only hidden keys so far keep m = -inf; subtract 0 there instead
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+            p = s.sub_(m_safe[..., None]).exp_()  # (B, nh, bq, bk), unnormalised probabilities
+            p_sum = p.sum(-1)
+            if dropout_p > 0.0:
+                keep = _tile_keep(seed, ib, jb, p.shape, p.device) >= dropout_p
+                p = p * keep * (1.0 / (1.0 - dropout_p))
+            pv = torch.matmul(p.to(v.dtype), v[:, :, j0:j1]).to(acc)  # (B, nh, bq, hs)
+            if m is None:
+                l, o_acc = p_sum, pv
+            else:
+                alpha = (m - m_safe).exp_()  # rescales what was accumulated under the old max
+                l = l.mul_(alpha).add_(p_sum)
+                o_acc = o_acc.mul_(alpha[..., None]).add_(pv)
+            m = m_new
+        # a row with no visible key (all padding) has l = 0: output 0 and L = -inf
+        empty = l == 0
+        o[:, :, i0:i1] = (o_acc / l.masked_fill(empty, 1.0)[..., None]).to(o.dtype)
+        m_safe = m.masked_fill(m == _NEG_INF, 0.0)
+        lse[:, :, i0:i1] = (m_safe + l.log()).masked_fill(empty, _NEG_INF)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout_p, seed):
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(hs)
+    qs = q * scale
+    pads = _pad_tiles(key_mask, Tk, block_k)
+    D = (do.to(acc) * o.to(acc)).sum(-1)  # (B, nh, Tq): rowsum(dO * O)
+    lse = lse.masked_fill(lse == _NEG_INF, 0.0)  # empty rows: scores are all -inf, so P = 0 anyway
+    dq = torch.zeros(B, nh, Tq, hs, dtype=acc, device=q.device)
+    dk = torch.empty(B, nh, Tk, hs, dtype=acc, device=q.device)
+    dv = torch.empty(B, nh, Tk, hs, dtype=acc, device=q.device)
+    for jb, j0 in enumerate(range(0, Tk, block_k)):
+        j1 = min(j0 + block_k, Tk)
+        kj, vj = k[:, :, j0:j1], v[:, :, j0:j1]  # (B, nh, bk, hs)
+        dk_j = torch.zeros(B, nh, j1 - j0, hs, dtype=acc, device=q.device)
+        dv_j = torch.zeros_like(dk_j)
+        # the first query that sees key j0 is at row j0 - q_offset; start from its block
+        first = max(0, j0 - q_offset) // block_q * block_q
+        for i0 in range(first, Tq, block_q):
+            i1 = min(i0 + block_q, Tq)
+            ib = i0 // block_q
+            qi, doi = qs[:, :, i0:i1], do[:, :, i0:i1]
+            s = _scores(qi, kj, i0, i1, j0, j1, q_offset, pads[jb], acc)  # (B, nh, bq, bk)
+            p = s.sub_(lse[:, :, i0:i1, None]).exp_()  # exact probabilities, recomputed
+            dp = torch.matmul(doi, vj.transpose(-2, -1)).to(acc)  # (B, nh, bq, bk)
+            if dropout_p > 0.0:
+                keep = (_tile_keep(seed, ib, jb, p.shape, p.device) >= dropout_p) * (1.0 / (1.0 - dropout_p))
+                p_drop = p * keep
+                dp.mul_(keep)
+            else:
+                p_drop = p
+            dv_j.add_(torch.matmul(p_drop.to(do.dtype).transpose(-2, -1), doi).to(acc))
+            ds = dp.sub_(D[:, :, i0:i1, None]).mul_(p)  # dS = P * (dP - D)
+            ds_lo = ds.to(q.dtype)
+            dq[:, :, i0:i1].add_(torch.matmul(ds_lo, kj).to(acc))
+            dk_j.add_(torch.matmul(ds_lo.transpose(-2, -1), qi).to(acc))
+        dk[:, :, j0:j1] = dk_j
+        dv[:, :, j0:j1] = dv_j
+    return (dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, q_offset, block_q, block_k, dropout_p, seed):
+        o, lse = _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask)
+        ctx.args = (q_offset, block_q, block_k, dropout_p, seed)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_mask = ctx.saved_tensors
+        q_offset, block_q, block_k, dropout_p, seed = ctx.args
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _backward(do.contiguous().to(q.dtype), q, k, v, o, lse, q_offset, key_mask,
+                                   block_q, block_k, dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: int = 0,
+                    key_mask: torch.Tensor | None = None, dropout_p: float = 0.0, block_q: int = 64,
+                    block_k: int = 64, dropout_seed: int | None = None) -> torch.Tensor:
+    """Causal tiled attention. q (B, nh, Tq, hs), k/v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
+
+    Under autocast the inputs are cast to the autocast dtype (like a matmul would be); the
+    softmax statistics stay fp32. `dropout_seed` fixes the dropout masks (tests); by default
+    it is drawn from torch's generator, so torch.manual_seed makes runs repeatable.
+    """
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"flash_attention: bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if block_q <= 0 or block_k <= 0:
+        raise GptkitError(f"block_q and block_k must be positive, got {block_q}, {block_k}", "block_q/block_k")
+    if not 0.0 <= dropout_p < 1.0:
+        raise GptkitError(f"dropout must be in [0, 1), got {dropout_p}", "dropout")
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    seed = 0
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_seed is None else int(dropout_seed)
+    if key_mask is not None:
+        key_mask = key_mask.to(device=q.device, dtype=torch.bool)
+    with torch.autocast(dev, enabled=False):
+        return _FlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, int(q_offset),
+                                     int(block_q), int(block_k), float(dropout_p), seed)
