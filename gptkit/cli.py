@@ -62,3 +62,97 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # Subcommands. Each function adds its options to `p` and returns the function that runs it.
 # Library imports happen inside the runner so `gptkit --help` stays fast.
+
+
+@command("prepare", "tokenize a preset or text into llm.c token shards + meta.json")
+def _prepare(p):
+    p.add_argument("source", metavar="PRESET_OR_PATH",
+                   help="shakespeare-char, shakespeare, a text file or a folder of .txt files")
+    p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char for shakespeare-char, else gpt2")
+    p.add_argument("--input", help="text file to use instead of finding/downloading the preset's text")
+    p.add_argument("--out", help="output directory (default: data/<name>)")
+    p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for val (default 0.1)")
+    p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
+
+    def run(a):
+        from gptkit.data import read_meta
+        from gptkit.prepare import prepare
+
+        out = prepare(a.source, a.tokenizer, a.input, a.out, a.shard_size, a.val_fraction, a.vocab)
+        m = read_meta(out)
+        print(f"wrote {out}: {m['train_tokens']:,} train and {m['val_tokens']:,} val tokens "
+              f"({m['tokenizer']}, vocab {m['vocab_size']})")
+    return run
+
+
+@command("train", "train or fine-tune a GPT-2 model (default: char-level tiny Shakespeare on CPU)")
+def _train(p):
+    from gptkit.train import config_help
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = config_help()
+    p.add_argument("--config", help="TOML file of training keys (a [model] table for architecture keys)")
+    p.add_argument("--model", help="architecture: a preset (gpt2, gpt2-medium, ..., shakespeare-char) or a model path")
+    p.add_argument("--init", help="weights: scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a model path")
+    p.add_argument("--data", help="prepared data directory (default: prepare the dataset preset)")
+    p.add_argument("--out", help="run directory (default: a new runs/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any training or model key (listed below)")
+
+    def run(a):
+        from gptkit.train import parse_overrides, resolve_config, train
+
+        ov = parse_overrides(a.overrides)
+        for k in ("model", "init", "data", "out", "threads"):
+            v = getattr(a, k)
+            if v is not None:
+                if k in ov:
+                    raise GptkitError(f"--{k} and {k}= both given", f"--{k}", "give it once")
+                ov[k] = str(v)
+        cfg, model_ov = resolve_config(a.config, ov)
+        res = train(cfg, model_ov, resume=a.resume)
+        return 0 if res is not None else 1
+    return run
+
+
+@command("sample", "generate text from a model")
+def _sample(p):
+    p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
+    p.add_argument("--device", default="auto")
+
+    def run(a):
+        from gptkit.sample import run_sample
+
+        run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
+                   a.vocab, a.device)
+    return run
+
+
+@command("eval", "loss and perplexity of a model over the whole val split")
+def _eval(p):
+    p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+
+    def run(a):
+        import math
+
+        from gptkit.train import evaluate_model
+
+        loss, n = evaluate_model(a.model, a.data, a.split, a.batch_size, a.block_size, a.device, a.dtype)
+        print(f"{a.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} over {n:,} tokens")
+    return run

@@ -1,0 +1,197 @@
+"""Token shards in llm.c's layout, and a seeded, resumable batch loader over them.
+
+Shard layout (llm.c dev/data/data_common.py): 256 little-endian int32 header
+[20240520, 1, ntok, 0, ...] then ntok uint16 tokens; file size = 1024 + 2*ntok.
+A split is `train.bin` or `train_000000.bin, train_000001.bin, ...` (likewise `val`).
+
+The loader memory-maps every shard of a split. In `random` mode batch i is a pure function of
+(seed, rank, i), so its state is just the step counter; in `sequential` mode it walks the split
+in order (llm.c's DataLoader), each rank taking its own slice, and its state is the position.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.errors import GptkitError
+
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_UINT16_VOCAB = 65535
+
+
+def write_shard(path: str | Path, tokens) -> None:
+    """Write tokens (any int array-like, every id < 65536) as an llm.c shard."""
+    toks = np.asarray(tokens)
+    if toks.size and (toks.min() < 0 or toks.max() > MAX_UINT16_VOCAB):
+        raise GptkitError(f"token ids must fit uint16, found range [{toks.min()}, {toks.max()}]", path,
+                          "vocabularies above 65,535 tokens are not supported by the shard format yet")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, toks.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(toks.astype("<u2").tobytes())
+    tmp.replace(path)
+
+
+def read_header(path: str | Path) -> int:
+    """Check a shard's header and size; return its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise GptkitError(f"cannot read shard: {e.strerror}", path) from None
+    if len(raw) < HEADER_BYTES:
+        raise GptkitError(f"shard is truncated: {size} bytes, the header alone is {HEADER_BYTES}", path,
+                          "re-run `gptkit prepare`")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != SHARD_MAGIC:
+        raise GptkitError(f"bad magic {header[0]}, expected {SHARD_MAGIC}", path,
+                          "not an llm.c token shard; re-run `gptkit prepare`")
+    if header[1] != SHARD_VERSION:
+        raise GptkitError(f"unsupported shard version {header[1]}, expected {SHARD_VERSION}", path)
+    ntok = int(header[2])
+    if size != HEADER_BYTES + 2 * ntok:
+        raise GptkitError(f"size mismatch: header says {ntok} tokens ({HEADER_BYTES + 2 * ntok} bytes), "
+                          f"file has {size} bytes", path, "the shard is truncated or damaged; re-run `gptkit prepare`")
+    return ntok
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The tokens of a shard as a read-only uint16 memory map."""
+    ntok = read_header(path)
+    if ntok == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+
+
+def split_files(data_dir: str | Path, split: str) -> list[Path]:
+    """`split.bin` or `split_NNNNNN.bin` files of a data directory, in order."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise GptkitError("data directory not found", d, "run `gptkit prepare` first or fix --data")
+    single = d / f"{split}.bin"
+    numbered = sorted(p for p in d.glob(f"{split}_*.bin") if re.fullmatch(rf"{split}_\d{{6}}\.bin", p.name))
+    files = ([single] if single.is_file() else []) + numbered
+    if not files:
+        raise GptkitError(f"no {split} shards ({split}.bin or {split}_000000.bin)", d, "run `gptkit prepare` first")
+    return files
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    p = Path(data_dir) / "meta.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptkitError(f"unreadable meta.json: {e}", p, "re-run `gptkit prepare`") from None
+
+
+class TokenLoader:
+    """Batches (x, y) of shape (B, T) from every shard of a split.
+
+    mode="random": each row starts at a uniformly random offset; batch i is a pure function of
+    (seed, rank, i). mode="sequential": consecutive windows, rank r takes window r of every
+    `world` windows (llm.c's loader); it wraps around at the end of the split.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, *,
+                 mode: str = "random", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None):
+        if mode not in ("random", "sequential"):
+            raise ValueError(f"unknown loader mode {mode!r}")
+        self.files = split_files(data_dir, split)
+        self.shards = [read_shard(f) for f in self.files]
+        self.B, self.T = batch_size, block_size
+        self.mode, self.seed, self.rank, self.world = mode, seed, rank, world_size
+        sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
+        usable = np.maximum(sizes - block_size, 0)  # start offsets with T+1 tokens after them
+        if usable.sum() == 0:
+            raise GptkitError(f"the {split} split has {int(sizes.sum())} tokens, fewer than block_size+1 = "
+                              f"{block_size + 1}", data_dir, "use a smaller block_size or more data")
+        self.sizes, self.usable = sizes, usable
+        self.cum_usable = np.cumsum(usable)
+        if vocab_size is not None:
+            for f, s in zip(self.files, self.shards):
+                if len(s) and int(s.max()) >= vocab_size:
+                    raise GptkitError(f"shard holds token id {int(s.max())} >= the model's vocab_size {vocab_size}",
+                                      f, "prepare the data with the model's tokenizer")
+        self.step = 0  # batches served (random mode)
+        self.shard_idx, self.pos = 0, 0  # where the next window starts (sequential mode)
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "seed": self.seed, "step": self.step, "shard": self.shard_idx, "pos": self.pos}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.step, self.shard_idx, self.pos = int(st["step"]), int(st["shard"]), int(st["pos"])
+
+    def _window(self, shard: int, start: int) -> np.ndarray:
+        return np.asarray(self.shards[shard][start:start + self.T + 1], dtype=np.int64)
+
+    def next_batch(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "random":
+            rng = np.random.default_rng([self.seed, self.rank, self.step])
+            flat = rng.integers(0, self.cum_usable[-1], size=self.B)
+            shard = np.searchsorted(self.cum_usable, flat, side="right")
+            starts = flat - np.concatenate([[0], self.cum_usable[:-1]])[shard]
+            rows = [self._window(s, o) for s, o in zip(shard, starts)]
+        else:
+            rows = []
+            for _ in range(self.B):
+                # skip this rank's turn forward to its own window among `world` consecutive ones
+                for _k in range(self.world):
+                    if self.pos + self.T + 1 > self.sizes[self.shard_idx]:
+                        self.shard_idx, self.pos = (self.shard_idx + 1) % len(self.shards), 0
+                        while self.usable[self.shard_idx] == 0:
+                            self.shard_idx = (self.shard_idx + 1) % len(self.shards)
+                    if _k == self.rank:
+                        rows.append(self._window(self.shard_idx, self.pos))
+                    self.pos += self.T
+        self.step += 1
+        buf = torch.from_numpy(np.stack(rows))  # (B, T+1)
+        x, y = buf[:, :-1], buf[:, 1:]
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+def eval_windows(data_dir: str | Path, split: str, block_size: int, batch_size: int):
+    """Yield (x, y) batches covering a whole split once: every token but each shard's first is
+    predicted exactly once, in windows of block_size; a short last window has y = -1 padding."""
+    for f in split_files(data_dir, split):
+        toks = read_shard(f)
+        n = len(toks)
+        starts = list(range(0, max(n - 1, 0), block_size))
+        for i in range(0, len(starts), batch_size):
+            chunk = starts[i:i + batch_size]
+            x = torch.zeros(len(chunk), block_size, dtype=torch.long)
+            y = torch.full((len(chunk), block_size), -1, dtype=torch.long)
+            for r, s in enumerate(chunk):
+                w = torch.from_numpy(np.asarray(toks[s:s + block_size + 1], dtype=np.int64))
+                x[r, : len(w) - 1] = w[:-1]
+                y[r, : len(w) - 1] = w[1:]
+            yield x, y
+
+
+def count_eval_batches(data_dir: str | Path, split: str, block_size: int, batch_size: int) -> int:
+    total = 0
+    for f in split_files(data_dir, split):
+        n = read_header(f)
+        windows = len(range(0, max(n - 1, 0), block_size))
+        total += (windows + batch_size - 1) // batch_size
+    return total

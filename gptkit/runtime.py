@@ -1,0 +1,146 @@
+"""Device, dtype, autocast, threads and torch.distributed: decided here and nowhere else.
+
+This is the only module that reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gptkit.errors import GptkitError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto = cuda > mps > cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GptkitError("CUDA is not available on this machine", "device", "use device=cpu or device=auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GptkitError("MPS is not available on this machine", "device", "use device=cpu or device=auto")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls beat fp32 on this CPU."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype. auto = bf16 where the hardware runs it fast, else fp32."""
+    if name != "auto":
+        dt = DTYPES[name]
+        if dt == torch.float16 and device.type == "cpu":
+            raise GptkitError("float16 training is not supported on the CPU", "dtype", "use bfloat16 or float32")
+        return dt
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context for forward passes (a no-op for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_threads(threads: int = 0) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def setup_cuda_matmul() -> None:
+    """TF32 for fp32 matmuls on CUDA (Ampere and later)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+_PEAK_CACHE: dict = {}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    """Measured matmul peak (FLOP/s) of an n^3 GEMM in `dtype`: the denominator of MFU."""
+    key = (str(device), dtype, n)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    synchronize(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    _PEAK_CACHE[key] = 2 * n**3 / best
+    return _PEAK_CACHE[key]
+
+
+@dataclass
+class Dist:
+    """The process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), pick_device(device_name)
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world), device
+
+
+def teardown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

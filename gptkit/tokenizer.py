@@ -1,0 +1,183 @@
+"""Tokenizers behind one small interface: GPT-2 BPE (through tiktoken) and char-level.
+
+Both have `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `eot` (None for chars)
+and `kind`. The GPT-2 vocabulary is found in the order INTERFACES.md gives:
+  --vocab FILE_OR_DIR; $GPTKIT_GPT2_VOCAB; $GPTKIT_DATA/gpt2.tiktoken; BPE files inside the model
+  directory; tiktoken's own cache or download.
+Accepted formats: tiktoken's `.tiktoken`, OpenAI's `encoder.json` + `vocab.bpe`, and Hugging Face's
+`vocab.json` + `merges.txt` (the same two files under other names) or `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from gptkit.config import GPT2_EOT, GPT2_VOCAB_SIZE
+from gptkit.errors import GptkitError
+
+EOT_TEXT = "<|endoftext|>"
+# GPT-2's pre-tokenisation regex (tiktoken's r50k/gpt2 pattern)
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class CharTokenizer:
+    """Character-level tokenizer: id i is chars[i]."""
+
+    kind = "char"
+    eot = None
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        if len(self.stoi) != len(self.chars):
+            raise GptkitError("char vocabulary has duplicate characters", "chars")
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise GptkitError(f"character {e.args[0]!r} is not in the model's vocabulary", "prompt",
+                              f"use only these characters: {''.join(self.chars)!r}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids if 0 <= i < len(self.chars))
+
+
+class BPETokenizer:
+    """GPT-2 byte-level BPE through tiktoken. encode() treats special-token text as plain text."""
+
+    kind = "gpt2"
+
+    def __init__(self, encoding):
+        self.enc = encoding
+        self.eot = GPT2_EOT
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.enc.decode_single_token_bytes(i)
+
+
+def _encoding_from_ranks(ranks: dict[bytes, int], source: str):
+    import tiktoken
+
+    if len(ranks) != GPT2_EOT:
+        raise GptkitError(f"vocabulary has {len(ranks)} tokens, GPT-2's has {GPT2_EOT} plus {EOT_TEXT}", source,
+                          "point --vocab at GPT-2's vocabulary")
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+def _ranks_from_tokenizer_json(path: Path) -> dict[bytes, int]:
+    """HF tokenizer.json: model.vocab + model.merges in GPT-2's byte-to-unicode alphabet."""
+    import tempfile
+
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model = tj.get("model", {})
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise GptkitError("tokenizer.json has no BPE model.vocab/model.merges", path)
+    vocab = {k: v for k, v in vocab.items() if k != EOT_TEXT}
+    merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    with tempfile.TemporaryDirectory() as td:
+        enc, bpe = Path(td) / "encoder.json", Path(td) / "vocab.bpe"
+        enc.write_text(json.dumps(vocab), encoding="utf-8")
+        bpe.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return data_gym_to_mergeable_bpe_ranks(str(bpe), str(enc))
+
+
+def load_bpe_vocab(path: str | Path) -> BPETokenizer:
+    """A GPT-2 tokenizer from a vocabulary file or a directory holding one (any accepted format)."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+
+    path = Path(path)
+    if not path.exists():
+        raise GptkitError("vocabulary not found", path, "give a .tiktoken file or a directory with BPE files")
+    try:
+        if path.is_dir():
+            pairs = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")]
+            for enc, bpe in pairs:
+                if (path / enc).is_file() and (path / bpe).is_file():
+                    ranks = data_gym_to_mergeable_bpe_ranks(str(path / bpe), str(path / enc))
+                    return BPETokenizer(_encoding_from_ranks(ranks, str(path)))
+            if (path / "tokenizer.json").is_file():
+                return BPETokenizer(_encoding_from_ranks(_ranks_from_tokenizer_json(path / "tokenizer.json"), str(path)))
+            tk = sorted(path.glob("*.tiktoken"))
+            if tk:
+                return load_bpe_vocab(tk[0])
+            raise GptkitError("no GPT-2 vocabulary in directory", path,
+                              "expected gpt2.tiktoken, encoder.json + vocab.bpe, vocab.json + merges.txt or tokenizer.json")
+        if path.name == "tokenizer.json":
+            return BPETokenizer(_encoding_from_ranks(_ranks_from_tokenizer_json(path), str(path)))
+        if path.suffix == ".json" or path.suffix == ".bpe":  # one of a pair: look beside it
+            return load_bpe_vocab(path.parent)
+        return BPETokenizer(_encoding_from_ranks(load_tiktoken_bpe(str(path)), str(path)))
+    except GptkitError:
+        raise
+    except Exception as e:  # malformed files: base64, JSON, merge lines
+        raise GptkitError(f"cannot read vocabulary: {type(e).__name__}: {e}", path,
+                          "is this GPT-2's vocabulary file?") from None
+
+
+def has_bpe_files(d: Path) -> bool:
+    return d.is_dir() and ((d / "encoder.json").is_file() and (d / "vocab.bpe").is_file()
+                           or (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
+                           or (d / "tokenizer.json").is_file())
+
+
+def gpt2_tokenizer(vocab: str | Path | None = None, model_dir: str | Path | None = None) -> BPETokenizer:
+    """Find GPT-2's vocabulary in INTERFACES.md's order and build the tokenizer."""
+    if vocab:
+        return load_bpe_vocab(vocab)
+    if os.environ.get("GPTKIT_GPT2_VOCAB"):
+        return load_bpe_vocab(os.environ["GPTKIT_GPT2_VOCAB"])
+    data = os.environ.get("GPTKIT_DATA")
+    if data and (Path(data) / "gpt2.tiktoken").is_file():
+        return load_bpe_vocab(Path(data) / "gpt2.tiktoken")
+    if model_dir is not None and has_bpe_files(Path(model_dir)):
+        return load_bpe_vocab(model_dir)
+    try:
+        import tiktoken
+
+        return BPETokenizer(tiktoken.get_encoding("gpt2"))
+    except Exception as e:
+        raise GptkitError(f"GPT-2 vocabulary not available ({type(e).__name__})", "--vocab",
+                          "pass --vocab gpt2.tiktoken (or encoder.json+vocab.bpe's directory), "
+                          "or set GPTKIT_GPT2_VOCAB or GPTKIT_DATA") from None
+
+
+def tokenizer_for(loaded, vocab: str | Path | None = None):
+    """The tokenizer of a loaded model (gptkit.loading.Loaded): its char vocab, else GPT-2 BPE."""
+    if loaded.chars:
+        return CharTokenizer(loaded.chars)
+    if loaded.model.config.vocab_size != GPT2_VOCAB_SIZE:
+        raise GptkitError(f"model has vocab_size {loaded.model.config.vocab_size} and no tokenizer of its own",
+                          str(loaded.source or "--model"), "only GPT-2's 50257-token BPE or char models can be decoded")
+    return gpt2_tokenizer(vocab, loaded.tokenizer_dir)

@@ -1,0 +1,501 @@
+"""The training loop: accumulation, autocast, clipping, eval, samples, checkpoints, logging, resume.
+
+`resolve_config` turns a TOML file plus `key=value` overrides into a TrainConfig and model
+overrides; `Trainer(cfg).run()` trains and returns a TrainResult. Every knob is a TrainConfig
+field (gptkit/config.py), so the CLI, TOML files and the Python API share one vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptkit import checkpoint as ckpt_lib
+from gptkit.config import MODEL_KEYS, MODEL_PRESETS, TRAIN_KEYS, GPTConfig, TrainConfig, coerce_value, model_preset
+from gptkit.data import TokenLoader, count_eval_batches, eval_windows, read_meta
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+from gptkit.optim import lr_at, make_adamw
+from gptkit.runtime import (Dist, autocast, measure_peak_flops, pick_dtype, setup_cuda_matmul, setup_distributed,
+                            setup_threads, synchronize)
+
+PROCESS_START = time.time()  # wall time is counted from the process start, evals included
+
+# model keys that a `key=value` may set; block_size/dropout/attention are TrainConfig fields
+MODEL_ONLY_KEYS = {k: f for k, f in MODEL_KEYS.items() if k not in TRAIN_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration: TOML + key=value
+def load_toml(path: str | Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    p = Path(path)
+    if not p.is_file():
+        raise GptkitError("config file not found", p, "give an existing .toml file")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise GptkitError(f"invalid TOML: {e}", p) from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if v is None:
+        return '""'
+    return json.dumps(str(v))
+
+
+def write_toml(path: Path, train: dict[str, Any], model: dict[str, Any]) -> None:
+    lines = ["# resolved configuration of this run (gptkit train --config this-file reproduces it)"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in train.items()]
+    lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in model.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise GptkitError(f"expected key=value, got {it!r}", it, "write options as key=value, e.g. max_steps=500")
+        k, v = it.split("=", 1)
+        k = k.strip().lstrip("-").replace("-", "_")
+        if k not in TRAIN_KEYS and k not in MODEL_ONLY_KEYS:
+            raise GptkitError(f"unknown config key {k!r}", it, "see `gptkit train --help` for the keys")
+        out[k] = v
+    return out
+
+
+def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+                   ) -> tuple[TrainConfig, dict[str, Any]]:
+    """(TrainConfig, model overrides) from defaults < TOML file < overrides."""
+    train_vals: dict[str, Any] = {}
+    model_vals: dict[str, Any] = {}
+
+    def put(k, v, where):
+        if k in TRAIN_KEYS:
+            train_vals[k] = coerce_value(k, v, TRAIN_KEYS[k].type)
+        elif k in MODEL_ONLY_KEYS:
+            model_vals[k] = coerce_value(k, v, MODEL_ONLY_KEYS[k].type)
+        else:
+            raise GptkitError(f"unknown config key {k!r}", where, "see `gptkit train --help` for the keys")
+
+    if config_file:
+        raw = load_toml(config_file)
+        for k, v in raw.items():
+            if k == "model" and isinstance(v, dict):
+                for mk, mv in v.items():
+                    if mk in ("block_size", "dropout", "attention"):
+                        put(mk, mv, str(config_file))
+                    elif mk in MODEL_ONLY_KEYS:
+                        model_vals[mk] = coerce_value(mk, mv, MODEL_ONLY_KEYS[mk].type)
+                    elif mk not in ("vocab_size", "padded_vocab_size"):
+                        raise GptkitError(f"unknown model key {mk!r}", str(config_file))
+                    elif mk == "vocab_size":
+                        model_vals[mk] = coerce_value(mk, mv, int)
+            else:
+                put(k, v, str(config_file))
+    for k, v in (overrides or {}).items():
+        if k == "vocab_size":
+            model_vals[k] = coerce_value(k, v, int)
+        else:
+            put(k, v, f"{k}={v}")
+    return TrainConfig(**train_vals), model_vals
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_val_loss: float | None
+    sample: str | None
+    elapsed_s: float
+    train_loss: float | None = None
+
+
+def evaluate(model: GPT, data_dir: Path, block_size: int, batch_size: int, device, dtype, split: str = "val",
+             progress: bool = False) -> tuple[float, int]:
+    """Mean loss over every target token of a whole split: (loss, tokens)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        batches = eval_windows(data_dir, split, block_size, batch_size)
+        if progress:
+            batches = tqdm(batches, total=count_eval_batches(data_dir, split, block_size, batch_size),
+                           desc=f"eval {split}", leave=False, dynamic_ncols=True)
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            n = int((y != -1).sum())
+            total += float(loss) * n
+            count += n
+    return total / max(count, 1), count
+
+
+def estimate_loss(model: GPT, loader: TokenLoader, batches: int, device, dtype) -> float:
+    """Mean loss over `batches` fixed random batches (the same ones at every eval)."""
+    model.eval()
+    saved = loader.state_dict()
+    loader.load_state_dict({**saved, "step": 0, "shard": 0, "pos": 0})
+    losses = []
+    with torch.no_grad():
+        for _ in range(batches):
+            x, y = loader.next_batch(device)
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            losses.append(float(loss))
+    loader.load_state_dict(saved)
+    return sum(losses) / len(losses)
+
+
+def new_run_dir(base: str | Path = "runs") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    d = Path(base) / stamp
+    i = 1
+    while d.exists():
+        d = Path(base) / f"{stamp}-{i}"
+        i += 1
+    return d
+
+
+class Trainer:
+    """One training run. Construct with a resolved TrainConfig, then call run()."""
+
+    def __init__(self, cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, resume: bool = False,
+                 log=print):
+        self.cfg, self.model_overrides, self.resume, self.log = cfg, dict(model_overrides or {}), resume, log
+        self.dist, self.device = setup_distributed(cfg.device)
+        if not self.dist.is_main:
+            self.log = lambda *a, **k: None
+        setup_threads(cfg.threads)
+        setup_cuda_matmul()
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        if cfg.grad_accum % self.dist.world_size:
+            raise GptkitError(f"grad_accum={cfg.grad_accum} is not divisible by the {self.dist.world_size} processes",
+                              "grad_accum", "make grad_accum a multiple of the number of processes")
+        self.micro_steps = cfg.grad_accum // self.dist.world_size
+
+    # ------------------------------------------------------------------------------------------
+    def _data_dir(self) -> Path:
+        if self.cfg.data:
+            return Path(self.cfg.data)
+        from gptkit.prepare import PRESETS, ensure_prepared
+
+        if self.cfg.dataset not in PRESETS:
+            raise GptkitError(f"unknown dataset preset {self.cfg.dataset!r}", "dataset",
+                              f"use one of {', '.join(PRESETS)} or pass --data DIR")
+        return ensure_prepared(self.cfg.dataset)
+
+    def _build_model(self, meta: dict, resume_ckpt: Path | None) -> tuple[GPT, list[str] | None]:
+        cfg = self.cfg
+        chars = meta.get("chars")
+        if resume_ckpt is not None:
+            loaded = ckpt_lib.load_checkpoint_model(resume_ckpt)
+            return loaded.model, loaded.chars or chars
+        if cfg.init != "scratch":
+            from gptkit.loading import load_model
+
+            loaded = load_model(cfg.init)
+            model = loaded.model
+            conflicts = {k: v for k, v in self.model_overrides.items() if getattr(model.config, k) != v}
+            if conflicts:
+                raise GptkitError(f"architecture options {sorted(conflicts)} conflict with the weights of --init",
+                                  "--init", "drop them: the architecture comes from the initial weights")
+            if cfg.block_size > model.config.block_size:
+                raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context {model.config.block_size}",
+                                  "block_size")
+            new_cfg = model.config.replace(dropout=cfg.dropout, attention=cfg.attention)
+            model.config = new_cfg
+            for m in model.modules():
+                if hasattr(m, "config"):
+                    m.config = new_cfg
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = cfg.dropout
+            return model, loaded.chars or chars
+        # from scratch: the architecture from a preset or from a model path's config
+        if cfg.model in MODEL_PRESETS:
+            base = model_preset(cfg.model).to_dict()
+        else:
+            from gptkit.loading import load_model
+
+            base = load_model(cfg.model).model.config.to_dict()
+        base.update(block_size=cfg.block_size, dropout=cfg.dropout, attention=cfg.attention)
+        if "vocab_size" in meta:
+            base["vocab_size"] = int(meta["vocab_size"])
+        base.update(self.model_overrides)
+        model = GPT(GPTConfig.from_dict(base))
+        return model, chars
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, dist = self.cfg, self.dist
+        torch.manual_seed(cfg.seed + dist.rank)
+        run_dir = Path(cfg.out) if cfg.out else new_run_dir()
+        resume_ckpt = None
+        if self.resume:
+            resume_ckpt = ckpt_lib.find_checkpoint(run_dir)
+            if resume_ckpt is None:
+                raise GptkitError("--resume: no checkpoint in the run directory", run_dir,
+                                  "start a new run without --resume, or point --out at an existing run")
+        elif run_dir.exists() and (ckpt_lib.list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists()):
+            raise GptkitError("run directory already holds a run", run_dir,
+                              "pass --resume to continue it, or choose another --out")
+
+        data_dir = self._data_dir()
+        meta = read_meta(data_dir)
+        model, chars = self._build_model(meta, resume_ckpt)
+        mcfg = model.config
+        if cfg.block_size > mcfg.block_size:
+            raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context {mcfg.block_size}", "block_size")
+        model.to(self.device)
+        train_loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed, rank=dist.rank,
+                                   world_size=dist.world_size, vocab_size=mcfg.vocab_size)
+        val_loader = TokenLoader(data_dir, "val", cfg.batch_size, cfg.block_size, seed=cfg.seed + 1,
+                                 vocab_size=mcfg.vocab_size)
+        optimizer, names = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
+                                      self.device.type)
+        step = 0
+        if resume_ckpt is not None:
+            state = ckpt_lib.read_state(resume_ckpt)
+            step = int(state["step"])
+            if "optimizer" in state:
+                opt_tensors = ckpt_lib.read_tensors(resume_ckpt / ckpt_lib.OPTIM_FILE)
+                optimizer.load_state_dict(ckpt_lib.optimizer_from_flat(opt_tensors, state["optimizer"], names))
+            train_loader.load_state_dict(state["loader"])
+            ckpt_lib.set_rng_state(state.get("rng", {}))
+            self.log(f"resuming {run_dir} from step {step} ({resume_ckpt.name})")
+
+        train_model = model
+        if cfg.compile:
+            train_model = self._compile(model)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_toml(run_dir / "config.toml", cfg.to_dict(), mcfg.to_dict())
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        decay_steps = cfg.decay_steps or cfg.max_steps
+        flops_per_step = model.flops_per_token(cfg.block_size) * tokens_per_step
+        peak = measure_peak_flops(self.device, self.dtype, n=1024) if dist.is_main else 1.0
+        self.log(f"model: {model.num_params():,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} heads, "
+                 f"{mcfg.n_embd} dims, vocab {mcfg.vocab_size}); device {self.device}, {str(self.dtype)[6:]}; "
+                 f"{tokens_per_step:,} tokens/step; run dir {run_dir}")
+
+        tokenizer = self._tokenizer(chars, mcfg)
+        metrics = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and dist.is_main),
+                   dynamic_ncols=True, unit="step")
+        t_start = time.time()
+        tokens_seen = step * tokens_per_step
+        last_log_t, last_log_step = time.time(), step
+        train_loss = None
+        skipped = 0
+        try:
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, decay_steps)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                train_model.train()
+                loss_sum = torch.zeros((), device=self.device)
+                for micro in range(self.micro_steps):
+                    x, y = train_loader.next_batch(self.device)
+                    sync_ctx = (train_model.no_sync() if dist.enabled and micro < self.micro_steps - 1
+                                else _nullctx())
+                    with sync_ctx:
+                        with autocast(self.device, self.dtype):
+                            _, loss = train_model(x, y)
+                        (loss / self.micro_steps).backward()
+                    loss_sum += loss.detach()
+                loss_avg = loss_sum / self.micro_steps
+                if dist.enabled:
+                    import torch.distributed as tdist
+
+                    tdist.all_reduce(loss_avg, op=tdist.ReduceOp.AVG)
+                if cfg.grad_clip > 0:
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    gnorm = None
+                if not torch.isfinite(loss_avg) or (gnorm is not None and not torch.isfinite(gnorm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                    if skipped > 10:
+                        raise GptkitError("training diverged: more than 10 non-finite steps", "lr",
+                                          "lower lr or use float32; the last good checkpoint is intact")
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                bar.update(1)
+
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    train_loss = float(loss_avg)
+                    synchronize(self.device)
+                    now = time.time()
+                    dt = max(now - last_log_t, 1e-9)
+                    tok_s = (step - last_log_step) * tokens_per_step / dt
+                    mfu = flops_per_step * (step - last_log_step) / dt / peak
+                    last_log_t, last_log_step = now, step
+                    rec = {"step": step, "tokens": tokens_seen, "elapsed_s": round(now - t_start, 3),
+                           "train_loss": train_loss, "lr": lr, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+                    eval_now = cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps
+                    if eval_now:
+                        rec["val_loss"] = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
+                        bar.write(f"step {step}: train {train_loss:.4f}, val {rec['val_loss']:.4f}")
+                    if metrics:
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
+                    bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                elif cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps:
+                    v = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
+                    if metrics:
+                        metrics.write(json.dumps({"step": step, "tokens": tokens_seen,
+                                                  "elapsed_s": round(time.time() - t_start, 3), "val_loss": v}) + "\n")
+                    bar.write(f"step {step}: val {v:.4f}")
+
+                if cfg.sample_interval and step % cfg.sample_interval == 0 and step != cfg.max_steps and tokenizer:
+                    bar.write(f"--- sample at step {step} ---\n{self._sample(model, tokenizer)}\n---")
+                if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step != cfg.max_steps:
+                    self._save(run_dir, step, model, optimizer, names, train_loader, chars, mcfg)
+        finally:
+            bar.close()
+
+        self._save(run_dir, step, model, optimizer, names, train_loader, chars, mcfg)
+        final_val = None
+        if cfg.final_eval and dist.is_main:
+            final_val, n = evaluate(model, data_dir, cfg.block_size, max(cfg.batch_size, 64), self.device, self.dtype,
+                                    progress=cfg.progress)
+            self.log(f"final val loss {final_val:.4f} (perplexity {math.exp(min(final_val, 50)):.2f}) "
+                     f"over the whole val split, {n:,} tokens")
+            if metrics:
+                metrics.write(json.dumps({"step": step, "tokens": tokens_seen,
+                                          "elapsed_s": round(time.time() - t_start, 3), "val_loss": final_val,
+                                          "final": True}) + "\n")
+        if metrics:
+            metrics.close()
+        sample = None
+        if tokenizer and dist.is_main and cfg.sample_tokens:
+            sample = self._sample(model, tokenizer)
+            self.log(f"--- sample ---\n{sample}\n---")
+        elapsed = time.time() - t_start
+        self.log(f"done: {step} steps in {elapsed:.1f} s ({time.time() - PROCESS_START:.1f} s since start); "
+                 f"checkpoint in {run_dir}")
+        return TrainResult(run_dir, step, final_val, sample, elapsed, train_loss)
+
+    # ------------------------------------------------------------------------------------------
+    def _compile(self, model: GPT):
+        try:
+            return torch.compile(model)
+        except Exception as e:  # unsupported platform: fall back to eager
+            self.log(f"warning: torch.compile unavailable ({type(e).__name__}: {e}); running eagerly")
+            return model
+
+    def _tokenizer(self, chars, mcfg: GPTConfig):
+        from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
+
+        if chars:
+            return CharTokenizer(chars)
+        if mcfg.vocab_size == 50257:
+            try:
+                return gpt2_tokenizer()
+            except GptkitError as e:
+                self.log(f"warning: no samples during training: {e.line()}")
+        return None
+
+    def _sample(self, model: GPT, tokenizer) -> str:
+        from gptkit.sample import sample_text
+
+        was_training = model.training
+        text = sample_text(model, tokenizer, "", self.cfg.sample_tokens, temperature=0.8, top_k=200,
+                           seed=self.cfg.seed, device=self.device)[0]
+        model.train(was_training)
+        return text
+
+    def _save(self, run_dir, step, model, optimizer, names, loader, chars, mcfg) -> None:
+        if not self.dist.is_main:
+            return
+        state = {"model_config": mcfg.to_dict(), "train_config": self.cfg.to_dict(),
+                 "schedule": {"step": step, "lr": self.cfg.lr, "min_lr": self.cfg.min_lr,
+                              "warmup_steps": self.cfg.warmup_steps,
+                              "decay_steps": self.cfg.decay_steps or self.cfg.max_steps},
+                 "loader": loader.state_dict(), "rng": ckpt_lib.rng_state(), "chars": chars}
+        ckpt_lib.save_checkpoint(run_dir, step, model, state, optimizer, names, keep_last=self.cfg.keep_last)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: TrainConfig | None = None, model_overrides: dict[str, Any] | None = None, resume: bool = False,
+          log=print) -> TrainResult:
+    """Train with `cfg` (defaults: the main job, char-level tiny Shakespeare)."""
+    trainer = Trainer(cfg or TrainConfig(), model_overrides, resume, log)
+    try:
+        return trainer.run()
+    finally:
+        from gptkit.runtime import teardown_distributed
+
+        teardown_distributed()
+
+
+def config_help() -> str:
+    """Every train key with its default, for `gptkit train --help`."""
+    d = TrainConfig()
+    lines = ["training keys (key=value, or in --config TOML):"]
+    for f in fields(TrainConfig):
+        lines.append(f"  {f.name} = {getattr(d, f.name)!r}")
+    lines.append("model keys (from scratch; also a [model] table in TOML):")
+    for k in MODEL_ONLY_KEYS:
+        lines.append(f"  {k}")
+    return "\n".join(lines)
+
+
+def evaluate_model(model_path: str, data_dir: str, split: str = "val", batch_size: int = 16,
+                   block_size: int | None = None, device: str = "auto", dtype: str = "float32") -> tuple[float, int]:
+    """`gptkit eval`: (mean loss, tokens) of a model over a whole split of a prepared data directory."""
+    from gptkit.data import split_files
+    from gptkit.loading import load_model
+    from gptkit.runtime import pick_device
+
+    if batch_size <= 0:
+        raise GptkitError(f"must be > 0, got {batch_size}", "--batch-size")
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    split_files(data_dir, split)  # fail early, naming the directory
+    loaded = load_model(model_path)
+    model = loaded.model.to(dev)
+    T = block_size or model.config.block_size
+    if not 0 < T <= model.config.block_size:
+        raise GptkitError(f"must be in 1..{model.config.block_size}, got {T}", "--block-size")
+    meta = read_meta(data_dir)
+    if meta.get("vocab_size", 0) > model.config.vocab_size:
+        raise GptkitError(f"data vocab {meta['vocab_size']} exceeds the model's {model.config.vocab_size}",
+                          data_dir, "evaluate on data prepared with the model's tokenizer")
+    return evaluate(model, Path(data_dir), T, batch_size, dev, dt, split=split, progress=True)
