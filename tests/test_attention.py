@@ -6,6 +6,7 @@ before triton is first imported); those tests skip where triton is not installed
 
 import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
@@ -128,9 +129,43 @@ def test_flash_under_bf16_autocast_is_close_to_math():
 
 
 # ---------------------------------------------------------------------------------------------
+# triton (on the CPU through the interpreter)
+
+TRITON_CASES = {k: (1,) + c[1:] if c[2] < 24 else (1, c[1], 24, 24) + c[4:] for k, c in CASES.items()}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES.values(), ids=TRITON_CASES.keys())
+def test_triton_kernels_match_math_over_many_tiles(case):
+    from gptkit.triton_attention import triton_attention
+
+    check_against_math(lambda q, k, v, off, km: triton_attention(q, k, v, q_offset=off, key_mask=km,
+                                                                 block_m=16, block_n=16), case)
+
+
+@needs_triton
+def test_triton_refuses_dropout_and_the_cpu_without_the_interpreter():
+    import subprocess
+    import sys
+
+    from gptkit.errors import GptkitError
+    from gptkit.triton_attention import triton_attention
+
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(GptkitError, match="dropout"):
+        triton_attention(q, q, q, dropout_p=0.1)
+    code = ("import torch; from gptkit.errors import GptkitError; from gptkit.attention import attend\n"
+            "q = torch.zeros(1, 1, 4, 16)\n"
+            "try:\n    attend(q, q, q, backend='triton')\nexcept GptkitError as e:\n    print(e.line())\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "runs on CUDA, not cpu" in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # every backend through `attend` and through the full model
 
-BACKENDS = ["sdpa", "flash"]
+BACKENDS = ["sdpa", "flash", pytest.param("triton", marks=needs_triton)]
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
