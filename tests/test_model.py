@@ -1,0 +1,102 @@
+"""The model against transformers' GPT2LMHeadModel on tiny random models that transformers saves."""
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from gptkit import GPT, GPTConfig
+from gptkit.config import model_preset
+
+
+def _pair(tmp_path, **kw):
+    d = tmp_path / "hf"
+    hf = make_hf_model(d, **kw)
+    return hf, GPT.from_pretrained(str(d))
+
+
+def test_logits_loss_and_grads_match_transformers(tmp_path):
+    hf, m = _pair(tmp_path)
+    m.eval(), hf.eval()  # transformers' default config has dropout 0.1; compare without it
+    torch.manual_seed(1)
+    idx = torch.randint(0, 320, (3, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    out = hf(x)
+    logits, loss = m(x, y)
+    hf_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 320), y.reshape(-1))
+    assert (logits - out.logits).abs().max().item() <= 1e-5
+    assert abs(loss.item() - hf_loss.item()) <= 1e-6
+    loss.backward()
+    hf_loss.backward()
+    hf_params = dict(hf.named_parameters())
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    checked = 0
+    for name, p in m.named_parameters():
+        hp = hf_params[name]
+        g_ref = hp.grad.t() if name.endswith(transposed) else hp.grad
+        g = p.grad[: g_ref.shape[0]] if name == "transformer.wte.weight" else p.grad
+        assert (g - g_ref).abs().max().item() <= 1e-5, name
+        checked += 1
+    assert checked == len(hf_params)  # every HF parameter has its gptkit twin (tied lm_head counted once)
+
+
+def test_padding_rows_of_the_embedding_get_no_gradient(tmp_path):
+    _, m = _pair(tmp_path)
+    assert m.config.padded_vocab_size == 384 and m.transformer.wte.weight.shape[0] == 384
+    _, loss = m(torch.randint(0, 320, (2, 8)), torch.randint(0, 320, (2, 8)))
+    loss.backward()
+    assert m.transformer.wte.weight.grad[320:].abs().max() == 0
+    assert torch.all(m.transformer.wte.weight[320:] == 0)
+
+
+def test_logits_cover_the_real_vocab_only():
+    m = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=50))
+    assert m(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 50)
+
+
+def test_gpt2_presets_have_openai_parameter_counts():
+    with torch.device("meta"):
+        assert GPT(model_preset("gpt2")).num_params() == 124_439_808
+        assert GPT(model_preset("gpt2")).config.padded_vocab_size == 50304
+        assert GPT(model_preset("gpt2-medium")).num_params() == 354_823_168
+        assert GPT(model_preset("gpt2-large")).num_params() == 774_030_080
+        assert GPT(model_preset("gpt2-xl")).num_params() == 1_557_611_200
+
+
+def test_lm_head_is_tied_to_wte():
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=50))
+    assert m.lm_head.weight is m.transformer.wte.weight
+
+
+def test_from_pretrained_reads_pytorch_model_bin_without_pickle(tmp_path):
+    d = tmp_path / "hfbin"
+    hf = make_hf_model(d)
+    (d / "model.safetensors").unlink()
+    torch.save({k: v.clone() for k, v in hf.state_dict().items()}, d / "pytorch_model.bin")
+    m = GPT.from_pretrained(str(d))
+    idx = torch.randint(0, 320, (1, 10))
+    assert (m(idx) - hf(idx).logits).abs().max() <= 1e-5
+
+
+def test_a_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    x = torch.randint(0, 65, (4, 16))
+    y = torch.randint(0, 65, (4, 16))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(100):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize("field,value", [("n_layer", 0), ("n_head", -1), ("n_embd", 30), ("attention", "nope")])
+def test_invalid_model_config_fails_naming_the_field(field, value):
+    from gptkit.errors import GptkitError
+
+    kw = dict(n_layer=2, n_head=4, n_embd=32)
+    kw[field] = value
+    with pytest.raises(GptkitError) as e:
+        GPTConfig(**kw)
+    assert field in str(e.value)
