@@ -5,6 +5,7 @@ before triton is first imported); those tests skip where triton is not installed
 """
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -201,3 +202,28 @@ def test_unknown_backend_is_rejected():
     q = torch.zeros(1, 1, 2, 4)
     with pytest.raises(ValueError):
         attend(q, q, q, backend="nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: issue 7's shape, a fresh process per backend
+
+
+@pytest.mark.slow
+def test_flash_and_sdpa_peak_at_most_half_of_math_memory():
+    from gptkit.bench_attention import format_table, measure_attention
+
+    rows = {r["backend"]: r for r in measure_attention(("math", "sdpa", "flash"), T=2048, n_head=12, head_size=64,
+                                                       repeats=1)}
+    table = format_table(list(rows.values()))
+    for backend in ("sdpa", "flash"):
+        assert rows[backend]["vs_math"] <= 0.5, table
+
+
+def test_attention_benchmark_reports_every_backend(capsys):
+    from gptkit.bench_attention import main
+
+    main(["--backends", "math,flash", "--T", "64", "--heads", "2", "--head-size", "16", "--repeats", "1", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["backend"] for r in rows] == ["math", "flash"]
+    assert all(r["peak_rss_mib"] > 0 and r["fwd_bwd_s"] > 0 for r in rows)
+    assert rows[0]["vs_math"] == 1.0
