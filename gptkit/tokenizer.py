@@ -83,40 +83,112 @@ class BPETokenizer:
         return self.enc.decode_single_token_bytes(i)
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (OpenAI's encoder.py): the printable
+    Latin-1 bytes stand for themselves, the other 68 bytes map to chr(256), chr(257), ... in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
 def _encoding_from_ranks(ranks: dict[bytes, int], source: str):
     import tiktoken
 
-    if len(ranks) != GPT2_EOT:
-        raise GptkitError(f"vocabulary has {len(ranks)} tokens, GPT-2's has {GPT2_EOT} plus {EOT_TEXT}", source,
-                          "point --vocab at GPT-2's vocabulary")
+    if len(ranks) != GPT2_EOT or sorted(ranks.values()) != list(range(GPT2_EOT)):
+        raise GptkitError(f"vocabulary has {len(ranks)} tokens, GPT-2's has ranks 0..{GPT2_EOT - 1} plus {EOT_TEXT}",
+                          source, "point --vocab at GPT-2's vocabulary")
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                              special_tokens={EOT_TEXT: GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
+def ranks_from_encoder_merges(encoder: dict[str, int], merges: list, source: str) -> dict[bytes, int]:
+    """BPE ranks from an id table and a merge list in GPT-2's byte-to-unicode alphabet.
+
+    The ranks are the merge order (256 single bytes in the alphabet's order, then one token per
+    merge), which is what tiktoken needs; the id table must agree with it, as GPT-2's does.
+    """
+    dec = {c: b for b, c in bytes_to_unicode().items()}
+
+    def to_bytes(s: str) -> bytes:
+        try:
+            return bytes(dec[c] for c in s)
+        except KeyError as e:
+            raise GptkitError(f"character {e.args[0]!r} is outside GPT-2's byte alphabet", source,
+                              "is this a byte-level BPE (GPT-2) vocabulary?") from None
+
+    ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
+    for m in merges:
+        pair = m.split(" ") if isinstance(m, str) else list(m)
+        if len(pair) != 2:
+            raise GptkitError(f"bad merge line {m!r}", source, "expected two tokens separated by one space")
+        tok = to_bytes(pair[0]) + to_bytes(pair[1])
+        if tok in ranks:
+            raise GptkitError(f"merge {m!r} repeats token {tok!r}", source)
+        ranks[tok] = len(ranks)
+    ids = {to_bytes(k): v for k, v in encoder.items() if k not in (EOT_TEXT, "<|startoftext|>")}
+    if ids != ranks:
+        bad = next((k for k in ranks if ids.get(k) != ranks[k]), None) or next(k for k in ids if k not in ranks)
+        raise GptkitError(f"the id table and the merges disagree (token {bad!r}: id {ids.get(bad)}, "
+                          f"merge rank {ranks.get(bad)})", source, "the two files must come from the same vocabulary")
+    if encoder.get(EOT_TEXT, GPT2_EOT) != GPT2_EOT:
+        raise GptkitError(f"{EOT_TEXT} has id {encoder[EOT_TEXT]}, GPT-2's is {GPT2_EOT}", source)
+    return ranks
+
+
+def _read_merges(path: Path) -> list[str]:
+    """vocab.bpe / merges.txt: an optional `#version` line, then one `a b` merge per line."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [ln.rstrip("\r") for ln in lines if ln.rstrip("\r") and not ln.startswith("#version")]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptkitError(f"not valid JSON: {e}", path) from None
+
+
+def _ranks_from_pair(enc: Path, bpe: Path) -> dict[bytes, int]:
+    encoder = _read_json(enc)
+    if not isinstance(encoder, dict):
+        raise GptkitError("expected a JSON object of token -> id", enc)
+    return ranks_from_encoder_merges(encoder, _read_merges(bpe), f"{enc} + {bpe.name}")
+
+
 def _ranks_from_tokenizer_json(path: Path) -> dict[bytes, int]:
     """HF tokenizer.json: model.vocab + model.merges in GPT-2's byte-to-unicode alphabet."""
-    import tempfile
-
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-    tj = json.loads(path.read_text(encoding="utf-8"))
-    model = tj.get("model", {})
+    model = _read_json(path).get("model", {})
     vocab, merges = model.get("vocab"), model.get("merges")
-    if not isinstance(vocab, dict) or not isinstance(merges, list):
-        raise GptkitError("tokenizer.json has no BPE model.vocab/model.merges", path)
-    vocab = {k: v for k, v in vocab.items() if k != EOT_TEXT}
-    merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
-    with tempfile.TemporaryDirectory() as td:
-        enc, bpe = Path(td) / "encoder.json", Path(td) / "vocab.bpe"
-        enc.write_text(json.dumps(vocab), encoding="utf-8")
-        bpe.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return data_gym_to_mergeable_bpe_ranks(str(bpe), str(enc))
+    if model.get("type", "BPE") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise GptkitError("tokenizer.json has no BPE model.vocab/model.merges", path,
+                          "expected a GPT-2 (byte-level BPE) tokenizer.json")
+    return ranks_from_encoder_merges(vocab, merges, str(path))
+
+
+def _ranks_from_tiktoken(path: Path) -> dict[bytes, int]:
+    """tiktoken's format: `base64(token bytes) rank` per line. Read here rather than through
+    tiktoken.load, which caches local files under their path and would serve a stale copy."""
+    import base64
+
+    ranks = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except ValueError:
+            raise GptkitError(f"line {n} is not `base64 rank`", path, "is this a .tiktoken file?") from None
+    return ranks
 
 
 def load_bpe_vocab(path: str | Path) -> BPETokenizer:
     """A GPT-2 tokenizer from a vocabulary file or a directory holding one (any accepted format)."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
-
     path = Path(path)
     if not path.exists():
         raise GptkitError("vocabulary not found", path, "give a .tiktoken file or a directory with BPE files")
@@ -125,8 +197,7 @@ def load_bpe_vocab(path: str | Path) -> BPETokenizer:
             pairs = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")]
             for enc, bpe in pairs:
                 if (path / enc).is_file() and (path / bpe).is_file():
-                    ranks = data_gym_to_mergeable_bpe_ranks(str(path / bpe), str(path / enc))
-                    return BPETokenizer(_encoding_from_ranks(ranks, str(path)))
+                    return BPETokenizer(_encoding_from_ranks(_ranks_from_pair(path / enc, path / bpe), str(path)))
             if (path / "tokenizer.json").is_file():
                 return BPETokenizer(_encoding_from_ranks(_ranks_from_tokenizer_json(path / "tokenizer.json"), str(path)))
             tk = sorted(path.glob("*.tiktoken"))
@@ -136,14 +207,13 @@ def load_bpe_vocab(path: str | Path) -> BPETokenizer:
                               "expected gpt2.tiktoken, encoder.json + vocab.bpe, vocab.json + merges.txt or tokenizer.json")
         if path.name == "tokenizer.json":
             return BPETokenizer(_encoding_from_ranks(_ranks_from_tokenizer_json(path), str(path)))
-        if path.suffix == ".json" or path.suffix == ".bpe":  # one of a pair: look beside it
+        if path.suffix in (".json", ".bpe") or path.name == "merges.txt":  # one of a pair: look beside it
             return load_bpe_vocab(path.parent)
-        return BPETokenizer(_encoding_from_ranks(load_tiktoken_bpe(str(path)), str(path)))
+        return BPETokenizer(_encoding_from_ranks(_ranks_from_tiktoken(path), str(path)))
     except GptkitError:
         raise
-    except Exception as e:  # malformed files: base64, JSON, merge lines
-        raise GptkitError(f"cannot read vocabulary: {type(e).__name__}: {e}", path,
-                          "is this GPT-2's vocabulary file?") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptkitError(f"cannot read vocabulary: {e}", path, "is this GPT-2's vocabulary file?") from None
 
 
 def has_bpe_files(d: Path) -> bool:
