@@ -27,20 +27,45 @@ HEADER_BYTES = HEADER_INTS * 4
 MAX_UINT16_VOCAB = 65535
 
 
+class ShardWriter:
+    """Write an llm.c shard piece by piece in bounded memory: a placeholder header, the tokens,
+    then the real header; the file appears under its name only when closed (atomic rename)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.f.write(bytes(HEADER_BYTES))
+        self.ntok = 0
+
+    def write(self, tokens) -> None:
+        toks = np.asarray(tokens)
+        if toks.size and (toks.min() < 0 or toks.max() > MAX_UINT16_VOCAB):
+            self.abort()
+            raise GptkitError(f"token ids must fit uint16, found range [{toks.min()}, {toks.max()}]", self.path,
+                              "vocabularies above 65,535 tokens are not supported by the shard format yet")
+        self.f.write(toks.astype("<u2", copy=False).tobytes())
+        self.ntok += int(toks.size)
+
+    def close(self) -> Path:
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = (SHARD_MAGIC, SHARD_VERSION, self.ntok)
+        self.f.seek(0)
+        self.f.write(header.tobytes())
+        self.f.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_shard(path: str | Path, tokens) -> None:
     """Write tokens (any int array-like, every id < 65536) as an llm.c shard."""
-    toks = np.asarray(tokens)
-    if toks.size and (toks.min() < 0 or toks.max() > MAX_UINT16_VOCAB):
-        raise GptkitError(f"token ids must fit uint16, found range [{toks.min()}, {toks.max()}]", path,
-                          "vocabularies above 65,535 tokens are not supported by the shard format yet")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, toks.size)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(toks.astype("<u2").tobytes())
-    tmp.replace(path)
+    w = ShardWriter(path)
+    w.write(tokens)
+    w.close()
 
 
 def read_header(path: str | Path) -> int:

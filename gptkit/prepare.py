@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gptkit.data import write_shard
 from gptkit.errors import GptkitError
 
 PRESETS = ("shakespeare-char", "shakespeare")
@@ -74,18 +74,85 @@ def shakespeare_text_path(input: str | Path | None = None) -> Path:
     return download(os.environ.get("GPTKIT_SHAKESPEARE_URL", SHAKESPEARE_URL), cached)
 
 
+CHUNK_BYTES = 1 << 20  # text is read, decoded and tokenized this many bytes at a time
+COPY_TOKENS = 1 << 20  # tokens copied per step from the spool into the shards
+MAX_SHARD_VOCAB = 65535  # uint16 shards
+# A split point that GPT-2's pre-tokenisation regex would also split at: before one space or
+# newline that has an ASCII letter/digit on both sides ("abc| def", "abc|\ndef"). Encoding the
+# two sides separately then gives exactly the tokens of the whole.
+_SAFE_SPLIT = re.compile(r"(?<=[A-Za-z0-9])(?=[ \n][A-Za-z0-9])")
+
+
+def _check_raw(raw: bytes, path: Path, offset: int) -> None:
+    nul = raw.find(0)
+    if nul >= 0:
+        raise GptkitError(f"file looks binary (NUL byte at {offset + nul})", path,
+                          "give a UTF-8 text file")
+
+
 def read_text(path: Path) -> str:
+    """A whole (small) text file, checked like the streamed ones."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise GptkitError(f"cannot read: {e.strerror}", path) from None
-    if b"\x00" in raw[:8192]:
-        raise GptkitError("file looks binary (NUL bytes)", path, "give a UTF-8 text file")
+    _check_raw(raw, path, 0)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise GptkitError(f"not valid UTF-8 (byte {e.start})", path, "convert the file to UTF-8") from None
-    return text
+
+
+def iter_text(path: Path, chunk_bytes: int = CHUNK_BYTES, progress=None):
+    """A UTF-8 text file as str chunks of about chunk_bytes, decoded incrementally (strict)."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(chunk_bytes)
+                final = not raw
+                _check_raw(raw, path, offset)
+                pending = len(dec.getstate()[0])  # bytes of a character cut by the previous read
+                try:
+                    text = dec.decode(raw, final=final)
+                except UnicodeDecodeError as e:
+                    pos = offset - pending + e.start
+                    raise GptkitError(f"not valid UTF-8 (byte {pos})", path,
+                                      "convert the file to UTF-8") from None
+                if progress is not None:
+                    progress.update(len(raw))
+                offset += len(raw)
+                if text:
+                    yield text
+                if final:
+                    return
+    except OSError as e:
+        raise GptkitError(f"cannot read: {e.strerror}", path) from None
+
+
+def bpe_pieces(chunks, min_chars: int = 1 << 16):
+    """Re-cut a stream of text chunks at points where GPT-2's pre-tokeniser splits anyway, so that
+    encoding the pieces one by one equals encoding the whole text. A text with no such point
+    (no "x y" or "x\ny" with ASCII letters or digits around) accumulates into one piece."""
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        if len(buf) < min_chars:
+            continue
+        cut = None
+        for m in _SAFE_SPLIT.finditer(buf, max(len(buf) - (1 << 16), 0)):
+            cut = m.start()
+        if cut is None:
+            for m in _SAFE_SPLIT.finditer(buf):
+                cut = m.start()
+        if cut:
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
 
 
 def text_documents(path: Path) -> list[Path]:
@@ -95,29 +162,99 @@ def text_documents(path: Path) -> list[Path]:
         if not files:
             raise GptkitError("folder holds no .txt files", path, "give a text file or a folder of .txt files")
         return files
+    if not path.exists():
+        raise GptkitError("no such file or directory", path,
+                          f"give a text file, a folder of .txt files or a preset ({', '.join(PRESETS)})")
     if not path.is_file():
-        raise GptkitError("no such file or directory", path, "give a text file, a folder of .txt files or a preset")
+        raise GptkitError("not a regular file or folder", path, "give a text file or a folder of .txt files")
     return [path]
 
 
+class _Spool:
+    """All tokens of a corpus, appended to a raw uint16 file beside the output (bounded memory)."""
+
+    def __init__(self, out: Path):
+        fd, name = tempfile.mkstemp(prefix=".tokens.", suffix=".u16", dir=out)
+        self.path = Path(name)
+        self.f = os.fdopen(fd, "w+b")
+        self.n = 0
+
+    def append(self, ids) -> None:
+        a = np.asarray(ids, dtype=np.uint16)
+        self.f.write(a.tobytes())
+        self.n += a.size
+
+    def view(self, start: int = 0, stop: int | None = None) -> "_SpoolView":
+        self.f.flush()
+        return _SpoolView(self, start, self.n if stop is None else stop)
+
+    def remove(self) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _SpoolView:
+    """tokens[start:stop] of a spool, read on demand by plain file reads: unlike a memory map,
+    the pages read do not stay in this process's resident set."""
+
+    def __init__(self, spool: _Spool, start: int, stop: int):
+        self.spool, self.start, self.stop = spool, start, max(start, stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, sl: slice):
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            raise TypeError("only contiguous slices")
+        lo, hi, _ = sl.indices(len(self))
+        if hi <= lo:
+            return np.zeros(0, dtype=np.uint16)
+        f = self.spool.f
+        f.seek(2 * (self.start + lo))
+        return np.frombuffer(f.read(2 * (hi - lo)), dtype=np.uint16)
+
+
 def write_split(out: Path, split: str, tokens: np.ndarray, shard_size: int) -> list[Path]:
-    """Write a split as one file, or numbered shards when it is larger than shard_size."""
+    """Write a split as one file, or numbered shards of shard_size tokens when it is larger."""
+    from gptkit.data import ShardWriter
+
     for old in list(out.glob(f"{split}.bin")) + list(out.glob(f"{split}_*.bin")):
         old.unlink()
-    if len(tokens) <= shard_size:
-        write_shard(out / f"{split}.bin", tokens)
-        return [out / f"{split}.bin"]
+    n = len(tokens)
+    names = [f"{split}.bin"] if n <= shard_size else [f"{split}_{i:06d}.bin" for i in range((n - 1) // shard_size + 1)]
     paths = []
-    for i, s in enumerate(range(0, len(tokens), shard_size)):
-        p = out / f"{split}_{i:06d}.bin"
-        write_shard(p, tokens[s:s + shard_size])
-        paths.append(p)
+    for i, name in enumerate(names):
+        w = ShardWriter(out / name)
+        lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+        for s in range(lo, hi, COPY_TOKENS):
+            w.write(tokens[s:min(hi, s + COPY_TOKENS)])
+        paths.append(w.close())
     return paths
 
 
+def _char_vocab(docs: list[Path], bar) -> list[str]:
+    chars: set[str] = set()
+    for p in docs:
+        for text in iter_text(p, progress=bar):
+            chars.update(text)
+    return sorted(chars)
+
+
+def _shakespeare_sections(text: str) -> list[str]:
+    """llm.c dev/data/tinyshakespeare.py: sections split on blank lines, "\n\n" restored on all but the last."""
+    sections = text.split("\n\n")
+    return [s + "\n\n" if i < len(sections) - 1 else s for i, s in enumerate(sections)]
+
+
 def prepare(source: str, tokenizer: str | None = None, input: str | Path | None = None, out: str | Path | None = None,
-            shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float = 0.1, vocab: str | Path | None = None) -> Path:
-    """Tokenize a preset or a text file/folder into OUT/{train,val}.bin + meta.json. Returns OUT."""
+            shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float = 0.1, vocab: str | Path | None = None,
+            progress: bool = True) -> Path:
+    """Tokenize a preset or a text file/folder into OUT/{train,val}.bin + meta.json. Returns OUT.
+
+    Text files stream through: memory stays bounded whatever the corpus size (the tokens are
+    spooled to a temporary file in OUT, then cut into the train/val shards)."""
+    from tqdm.auto import tqdm
+
     from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
     if shard_size <= 0:
@@ -129,46 +266,80 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
         src_path = shakespeare_text_path(input)
         docs = [src_path]
     else:
+        if input:
+            raise GptkitError("--input is for presets", "--input", "give the text file as PRESET_OR_PATH instead")
         kind = tokenizer or "gpt2"
         src_path = Path(source)
         docs = text_documents(src_path)
     if kind not in ("char", "gpt2"):
         raise GptkitError(f"unknown tokenizer {kind!r}", "--tokenizer", "use char or gpt2")
     out = Path(out) if out else Path("data") / (source if source in PRESETS else src_path.stem)
+    if out.exists() and not out.is_dir():
+        raise GptkitError("output exists and is not a directory", out, "choose another --out")
+    total_bytes = sum(p.stat().st_size for p in docs)
+    if total_bytes == 0:
+        raise GptkitError("the text is empty", src_path, "give a file with some text in it")
     out.mkdir(parents=True, exist_ok=True)
 
-    texts = [read_text(p) for p in docs]
-    if not any(texts):
-        raise GptkitError("the text is empty", src_path, "give a file with some text in it")
-    meta: dict = {"tokenizer": kind, "source": str(src_path), "documents": len(texts)}
-    if kind == "char":
-        tok = CharTokenizer.from_text("".join(texts))
-        ids = np.array([i for t in texts for i in tok.encode(t)], dtype=np.uint16)
-        meta.update(vocab_size=tok.vocab_size, chars=tok.chars)
-    else:
-        tok = gpt2_tokenizer(vocab)
-        if source == "shakespeare":
-            sections = texts[0].split("\n\n")
-            parts = [s + "\n\n" if i < len(sections) - 1 else s for i, s in enumerate(sections)]
+    meta: dict = {"tokenizer": kind, "source": str(src_path), "documents": len(docs)}
+    llmc_shakespeare = source == "shakespeare" and kind == "gpt2"
+    bar = tqdm(total=total_bytes * (2 if kind == "char" else 1), unit="B", unit_scale=True, desc="tokenizing",
+               leave=False, disable=not progress, delay=1.0)
+    spool = _Spool(out)
+    try:
+        if kind == "char":
+            chars = _char_vocab(docs, bar)  # first pass: the vocabulary
+            if len(chars) > MAX_SHARD_VOCAB:
+                raise GptkitError(f"the text has {len(chars):,} distinct characters; shards hold token ids up to "
+                                  f"{MAX_SHARD_VOCAB:,}", src_path,
+                                  "vocabularies above 65,535 need uint32 shards, which are not supported yet; "
+                                  "use --tokenizer gpt2")
+            tok = CharTokenizer(chars)
+            codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted, so id = rank
+            for p in docs:
+                for text in iter_text(p, progress=bar):
+                    cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+                    spool.append(np.searchsorted(codepoints, cps))
+            meta.update(vocab_size=tok.vocab_size, chars=tok.chars)
         else:
-            parts = texts
-        ids_list = []
-        for enc in tok.encode_batch(parts):
-            ids_list.append(tok.eot)
-            ids_list.extend(enc)
-        ids = np.array(ids_list, dtype=np.uint16)
-        meta.update(vocab_size=tok.vocab_size, eot=tok.eot)
-    if source == "shakespeare" and kind == "gpt2":
-        n_val = LLMC_SHAKESPEARE_VAL_TOKENS
-        val, train = ids[:n_val], ids[n_val:]  # llm.c: the first 32,768 tokens are val
-    else:
-        n_train = int(len(ids) * (1.0 - val_fraction))
-        train, val = ids[:n_train], ids[n_train:]
-    if len(train) < 2 or len(val) < 2:
-        raise GptkitError(f"text too short: {len(ids)} tokens", src_path, "give more text")
-    meta.update(train_tokens=int(len(train)), val_tokens=int(len(val)))
-    write_split(out, "train", train, shard_size)
-    write_split(out, "val", val, shard_size)
+            tok = gpt2_tokenizer(vocab)
+            if tok.vocab_size > MAX_SHARD_VOCAB:
+                raise GptkitError(f"vocabulary of {tok.vocab_size:,} tokens exceeds the uint16 shards' 65,535",
+                                  "--vocab", "uint32 shards are not supported yet")
+            if llmc_shakespeare:
+                text = read_text(src_path)  # 1 MB: llm.c's recipe, section by section
+                bar.update(len(text.encode("utf-8")))
+                for ids in tok.encode_batch(_shakespeare_sections(text)):
+                    spool.append([tok.eot])
+                    spool.append(ids)
+            else:
+                for p in docs:
+                    first = True
+                    for piece in bpe_pieces(iter_text(p, progress=bar)):
+                        if first:  # every non-empty document starts with <|endoftext|>
+                            spool.append([tok.eot])
+                            first = False
+                        spool.append(tok.encode(piece))
+            meta.update(vocab_size=tok.vocab_size, eot=tok.eot)
+        bar.close()
+        n = spool.n
+        if n == 0:
+            raise GptkitError("the text is empty", src_path, "give a file with some text in it")
+        if llmc_shakespeare:
+            n_val = min(LLMC_SHAKESPEARE_VAL_TOKENS, n)  # llm.c: the first 32,768 tokens are val
+            val, train = spool.view(0, n_val), spool.view(n_val)
+        else:
+            n_train = int(n * (1.0 - val_fraction))
+            train, val = spool.view(0, n_train), spool.view(n_train)
+        if len(train) < 2 or len(val) < 2:
+            raise GptkitError(f"text too short: {n} tokens give {len(train)} train and {len(val)} val",
+                              src_path, "give more text")
+        meta.update(train_tokens=len(train), val_tokens=len(val))
+        meta["train_files"] = [p.name for p in write_split(out, "train", train, shard_size)]
+        meta["val_files"] = [p.name for p in write_split(out, "val", val, shard_size)]
+    finally:
+        bar.close()
+        spool.remove()
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(out / "meta.json")
