@@ -77,14 +77,23 @@ def _tile_mask(i0: int, i1: int, j0: int, j1: int, q_offset: int, device) -> tor
 
 
 def _scores(qi, kj, i0, i1, j0, j1, q_offset, pad, acc):
-    """Masked scores of one tile, (B, nh, bq, bk) in the accumulator dtype. qi is pre-scaled."""
+    """Scores of one tile, (B, nh, bq, bk) in the accumulator dtype (qi is pre-scaled), and the
+    tile's hidden entries (True = masked, broadcastable to the scores) or None if none are."""
     s = torch.matmul(qi, kj.transpose(-2, -1)).to(acc)
-    cm = _tile_mask(i0, i1, j0, j1, q_offset, s.device)
-    if cm is not None:
-        s.masked_fill_(cm, _NEG_INF)
+    hidden = _tile_mask(i0, i1, j0, j1, q_offset, s.device)
     if pad is not None:
-        s.masked_fill_(pad, _NEG_INF)
-    return s
+        hidden = pad if hidden is None else hidden | pad
+    return s, hidden
+
+
+def _exp_(x: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """exp(x) in place for x <= 0, with hidden entries set to 0.
+
+    Clamping at -80 keeps the CPU's vectorised exp on its fast path: inputs below about -87
+    (and -inf) take a scalar slow path that costs 5-50x more. exp(-80) ~ 2e-35 is negligible
+    next to a row sum of at least 1, and hidden entries become exact zeros."""
+    x = x.clamp_(-80.0, 0.0).exp_()
+    return x if hidden is None else x.masked_fill_(hidden, 0.0)
 
 
 def _pad_tiles(key_mask, Tk, block_k):
@@ -105,6 +114,7 @@ def _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
     acc = _acc_dtype(q.dtype)
     qs = q * (1.0 / math.sqrt(hs))  # pre-scaled queries
     pads = _pad_tiles(key_mask, Tk, block_k)
+    may_be_empty = key_mask is not None
     o = torch.empty_like(q)
     lse = torch.empty(B, nh, Tq, dtype=acc, device=q.device)
     for ib, i0 in enumerate(range(0, Tq, block_q)):
@@ -113,12 +123,15 @@ def _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
         m = l = o_acc = None
         for jb, j0 in enumerate(range(0, _key_blocks_end(i1, q_offset, Tk), block_k)):
             j1 = min(j0 + block_k, Tk)
-            s = _scores(qi, k[:, :, j0:j1], i0, i1, j0, j1, q_offset, pads[jb], acc)  # (B, nh, bq, bk)
+            s, hidden = _scores(qi, k[:, :, j0:j1], i0, i1, j0, j1, q_offset, pads[jb], acc)  # (B, nh, bq, bk)
+            if hidden is not None:
+                s.masked_fill_(hidden, _NEG_INF)
             m_tile = s.amax(-1)
             m_new = m_tile if m is None else torch.maximum(m, m_tile)
-            # rows that have seen only hidden keys so far keep m = -inf; subtract 0 there instead
-            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
-            p = s.sub_(m_safe[..., None]).exp_()  # (B, nh, bq, bk), unnormalised probabilities
+            # rows that have seen only hidden keys so far keep m = -inf; subtract 0 there instead.
+            # Without padding every row sees key 0 in the first block, so m is always finite.
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0) if may_be_empty else m_new
+            p = _exp_(s.sub_(m_safe[..., None]), hidden)  # (B, nh, bq, bk), unnormalised probabilities
             p_sum = p.sum(-1)
             if dropout_p > 0.0:
                 keep = _tile_keep(seed, ib, jb, p.shape, p.device) >= dropout_p
@@ -131,11 +144,14 @@ def _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
                 l = l.mul_(alpha).add_(p_sum)
                 o_acc = o_acc.mul_(alpha[..., None]).add_(pv)
             m = m_new
-        # a row with no visible key (all padding) has l = 0: output 0 and L = -inf
-        empty = l == 0
-        o[:, :, i0:i1] = (o_acc / l.masked_fill(empty, 1.0)[..., None]).to(o.dtype)
-        m_safe = m.masked_fill(m == _NEG_INF, 0.0)
-        lse[:, :, i0:i1] = (m_safe + l.log()).masked_fill(empty, _NEG_INF)
+        if may_be_empty:  # a row with no visible key (all padding) has l = 0: output 0 and L = -inf
+            empty = l == 0
+            o[:, :, i0:i1] = (o_acc / l.masked_fill(empty, 1.0)[..., None]).to(o.dtype)
+            m_safe = m.masked_fill(m == _NEG_INF, 0.0)
+            lse[:, :, i0:i1] = (m_safe + l.log()).masked_fill(empty, _NEG_INF)
+        else:
+            o[:, :, i0:i1] = o_acc.div_(l[..., None]).to(o.dtype)
+            lse[:, :, i0:i1] = l.log_().add_(m)
     return o, lse
 
 
@@ -147,7 +163,7 @@ def _backward(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout
     qs = q * scale
     pads = _pad_tiles(key_mask, Tk, block_k)
     D = (do.to(acc) * o.to(acc)).sum(-1)  # (B, nh, Tq): rowsum(dO * O)
-    lse = lse.masked_fill(lse == _NEG_INF, 0.0)  # empty rows: scores are all -inf, so P = 0 anyway
+    lse = lse.masked_fill(lse == _NEG_INF, 0.0)  # empty rows: every entry is hidden, so P = 0 anyway
     dq = torch.zeros(B, nh, Tq, hs, dtype=acc, device=q.device)
     dk = torch.empty(B, nh, Tk, hs, dtype=acc, device=q.device)
     dv = torch.empty(B, nh, Tk, hs, dtype=acc, device=q.device)
@@ -162,8 +178,8 @@ def _backward(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout
             i1 = min(i0 + block_q, Tq)
             ib = i0 // block_q
             qi, doi = qs[:, :, i0:i1], do[:, :, i0:i1]
-            s = _scores(qi, kj, i0, i1, j0, j1, q_offset, pads[jb], acc)  # (B, nh, bq, bk)
-            p = s.sub_(lse[:, :, i0:i1, None]).exp_()  # exact probabilities, recomputed
+            s, hidden = _scores(qi, kj, i0, i1, j0, j1, q_offset, pads[jb], acc)  # (B, nh, bq, bk)
+            p = _exp_(s.sub_(lse[:, :, i0:i1, None]), hidden)  # exact probabilities, recomputed
             dp = torch.matmul(doi, vj.transpose(-2, -1)).to(acc)  # (B, nh, bq, bk)
             if dropout_p > 0.0:
                 keep = (_tile_keep(seed, ib, jb, p.shape, p.device) >= dropout_p) * (1.0 / (1.0 - dropout_p))
