@@ -85,10 +85,10 @@ def _from_jsonable(x):
 
 # ---------------------------------------------------------------------------------------------
 # optimizer state <-> flat tensors + JSON
-def optimizer_to_flat(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
-    """Flatten optimizer.state_dict() into {"<param name>.<slot>": tensor} and a JSON part.
-    `names` maps the optimizer's parameter index to the parameter's name."""
-    sd = optimizer.state_dict()
+def optimizer_to_flat(optimizer: torch.optim.Optimizer | dict, names: dict[int, str]) -> tuple[dict, dict]:
+    """Flatten optimizer.state_dict() (or such a dict) into {"<param name>.<slot>": tensor} and a
+    JSON part. `names` maps the optimizer's parameter index to the parameter's name."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, slots in sd["state"].items():
         for slot, val in slots.items():
@@ -120,26 +120,36 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k != "lm_head.weight"}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None, param_names: dict[int, str] | None = None,
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
+                    state: dict[str, Any], optimizer: torch.optim.Optimizer | dict | None = None,
+                    param_names: dict[int, str] | None = None, keep_last: int = 0) -> Path:
     """Write RUN_DIR/ckpt_<step>/ atomically and prune older checkpoints beyond `keep_last`.
+    `model` may be a module or its tensors already gathered (FSDP); `optimizer` an optimizer or its
+    state_dict(). Weights holding NaN or inf are refused, so a diverged state never replaces a
+    good checkpoint. A failed write (full disk) leaves the existing checkpoints as they were.
     Returns the checkpoint directory."""
-    from safetensors.torch import save_file
-
     from gptkit import __version__
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"ckpt_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_ckpt_{step:08d}_", dir=run_dir))
+    tensors = model if isinstance(model, dict) else model_tensors(model)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise GptkitError(f"the weights hold NaN or inf (first: {bad[0]}); checkpoint at step {step} not written",
+                          run_dir, "the run diverged: lower lr or use float32; the last good checkpoint is intact")
     try:
-        save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        final = run_dir / f"ckpt_{step:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp_ckpt_{step:08d}_", dir=run_dir))
+    except OSError as e:
+        raise GptkitError(f"cannot write a checkpoint: {e.strerror or e}", run_dir,
+                          "free disk space or choose another --out; existing checkpoints are intact") from None
+    try:
+        _write_tensors(tensors, tmp / MODEL_FILE)
         full_state = {"format": "gptkit-checkpoint", "format_version": FORMAT_VERSION,
                       "gptkit_version": __version__, "step": step, **state}
         if optimizer is not None:
-            tensors, meta = optimizer_to_flat(optimizer, param_names or {})
-            save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
+            opt_tensors, meta = optimizer_to_flat(optimizer, param_names or {})
+            _write_tensors(opt_tensors, tmp / OPTIM_FILE)
             full_state["optimizer"] = meta
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(full_state, f, indent=1)
@@ -154,14 +164,42 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
         else:
             os.replace(tmp, final)
         _fsync_dir(run_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GptkitError(f"cannot write checkpoint ckpt_{step:08d}: {e.strerror or e}", run_dir,
+                          "free disk space or choose another --out; existing checkpoints are intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # prune only now that the new checkpoint is complete and in place
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def clean_partial(run_dir: str | Path) -> None:
+    """Remove what a crash mid-save left behind: hidden temporary directories, and put back a
+    checkpoint that was moved aside while being re-saved."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p.name.startswith(".old_ckpt_") and p.is_dir():
+            name = p.name[len(".old_"):].rsplit("_", 1)[0]
+            if CKPT_RE.match(name) and not (run_dir / name).exists():
+                os.replace(p, run_dir / name)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".tmp_ckpt_") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _fsync_dir(d: Path) -> None:

@@ -139,6 +139,12 @@ class TrainConfig:
     dropout: float = 0.0
     attention: str = "sdpa"
     progress: bool = True
+    # robustness, scale-out and run logs
+    max_bad_steps: int = 10  # non-finite loss/gradient steps skipped before the run stops (0 = stop at the first)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    loggers: str = ""  # extra loggers beside metrics.jsonl, comma-separated: tensorboard, wandb
+    wandb_project: str = "gptkit"
 
     def __post_init__(self):
         positive = ("batch_size", "block_size", "grad_accum", "max_steps", "log_interval", "sample_tokens",
@@ -148,7 +154,7 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise GptkitError(f"{name} must be a positive integer, got {v!r}", name, f"set {name}=N with N > 0")
         nonneg = ("warmup_steps", "decay_steps", "eval_interval", "sample_interval", "ckpt_interval",
-                  "keep_last", "threads")
+                  "keep_last", "threads", "max_bad_steps")
         for name in nonneg:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -164,6 +170,9 @@ class TrainConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise GptkitError(f"unknown attention backend {self.attention!r}", "attention",
                               f"use one of {', '.join(ATTENTION_BACKENDS)}")
+        unknown = [x for x in self.loggers.split(",") if x.strip() and x.strip() not in ("tensorboard", "wandb")]
+        if unknown:
+            raise GptkitError(f"unknown logger {unknown[0]!r}", "loggers", "use tensorboard, wandb or both (comma-separated)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

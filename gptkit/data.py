@@ -5,7 +5,7 @@ Shard layout (llm.c dev/data/data_common.py): 256 little-endian int32 header
 A split is `train.bin` or `train_000000.bin, train_000001.bin, ...` (likewise `val`).
 
 The loader memory-maps every shard of a split. In `random` mode batch i is a pure function of
-(seed, rank, i), so its state is just the step counter; in `sequential` mode it walks the split
+(seed, i*world + rank), so its state is just the step counter; in `sequential` mode it walks the split
 in order (llm.c's DataLoader), each rank taking its own slice, and its state is the position.
 """
 
@@ -128,7 +128,7 @@ class TokenLoader:
     """Batches (x, y) of shape (B, T) from every shard of a split.
 
     mode="random": each row starts at a uniformly random offset; batch i is a pure function of
-    (seed, rank, i). mode="sequential": consecutive windows, rank r takes window r of every
+    (seed, i*world + rank). mode="sequential": consecutive windows, rank r takes window r of every
     `world` windows (llm.c's loader); it wraps around at the end of the split.
     """
 
@@ -170,7 +170,9 @@ class TokenLoader:
 
     def next_batch(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "random":
-            rng = np.random.default_rng([self.seed, self.rank, self.step])
+            # rank r's i-th batch is global batch i*world + r: the ranks of one step together draw the
+            # same batches as a single process with world times the accumulation (identical losses)
+            rng = np.random.default_rng([self.seed, 0, self.step * self.world + self.rank])
             flat = rng.integers(0, self.cum_usable[-1], size=self.B)
             shard = np.searchsorted(self.cum_usable, flat, side="right")
             starts = flat - np.concatenate([[0], self.cum_usable[:-1]])[shard]

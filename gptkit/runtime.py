@@ -139,8 +139,10 @@ def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     return Dist(rank, local_rank, world), device
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(barrier: bool = True) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

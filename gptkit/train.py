@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gptkit import checkpoint as ckpt_lib
+from gptkit import parallel
 from gptkit.config import MODEL_KEYS, MODEL_PRESETS, TRAIN_KEYS, GPTConfig, TrainConfig, coerce_value, model_preset
 from gptkit.data import TokenLoader, count_eval_batches, eval_windows, read_meta
 from gptkit.errors import GptkitError
@@ -246,10 +247,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, dist = self.cfg, self.dist
-        torch.manual_seed(cfg.seed + dist.rank)
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial weights (FSDP shards them as they are)
         run_dir = Path(cfg.out) if cfg.out else new_run_dir()
         resume_ckpt = None
         if self.resume:
+            if dist.is_main:
+                ckpt_lib.clean_partial(run_dir)  # a crash mid-save leaves a hidden temporary directory
             resume_ckpt = ckpt_lib.find_checkpoint(run_dir)
             if resume_ckpt is None:
                 raise GptkitError("--resume: no checkpoint in the run directory", run_dir,
@@ -257,6 +260,8 @@ class Trainer:
         elif run_dir.exists() and (ckpt_lib.list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists()):
             raise GptkitError("run directory already holds a run", run_dir,
                               "pass --resume to continue it, or choose another --out")
+        if cfg.fsdp and not dist.enabled:
+            self.log("note: fsdp=true needs several processes (torchrun --nproc_per_node=N); training unsharded")
 
         data_dir = self._data_dir()
         meta = read_meta(data_dir)
@@ -265,30 +270,40 @@ class Trainer:
         if cfg.block_size > mcfg.block_size:
             raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context {mcfg.block_size}", "block_size")
         model.to(self.device)
+        torch.manual_seed(cfg.seed + dist.rank)  # then each rank its own dropout stream
+        if cfg.activation_checkpointing:
+            parallel.enable_activation_checkpointing(model)
+        self.fsdp = cfg.fsdp and dist.enabled
+        if self.fsdp:
+            parallel.wrap_fsdp(model)
         train_loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed, rank=dist.rank,
                                    world_size=dist.world_size, vocab_size=mcfg.vocab_size)
         val_loader = TokenLoader(data_dir, "val", cfg.batch_size, cfg.block_size, seed=cfg.seed + 1,
                                  vocab_size=mcfg.vocab_size)
         optimizer, names = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
-                                      self.device.type)
+                                      self.device.type, **({"fused": False} if self.fsdp else {}))
         step = 0
         if resume_ckpt is not None:
             state = ckpt_lib.read_state(resume_ckpt)
             step = int(state["step"])
             if "optimizer" in state:
                 opt_tensors = ckpt_lib.read_tensors(resume_ckpt / ckpt_lib.OPTIM_FILE)
-                optimizer.load_state_dict(ckpt_lib.optimizer_from_flat(opt_tensors, state["optimizer"], names))
+                opt_sd = ckpt_lib.optimizer_from_flat(opt_tensors, state["optimizer"], names)
+                if self.fsdp:
+                    parallel.load_full_optimizer_state(model, optimizer, opt_sd, names)
+                else:
+                    optimizer.load_state_dict(opt_sd)
             train_loader.load_state_dict(state["loader"])
             ckpt_lib.set_rng_state(state.get("rng", {}))
+            if dist.enabled and len(state.get("rng_ranks", [])) == dist.world_size:
+                parallel.set_rng(state["rng_ranks"][dist.rank], self.device)
             self.log(f"resuming {run_dir} from step {step} ({resume_ckpt.name})")
 
         train_model = model
         if cfg.compile:
             train_model = self._compile(model)
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            train_model = DDP(train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if dist.enabled and not self.fsdp:
+            train_model = parallel.wrap_ddp(train_model, self.device)
 
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,16 +317,20 @@ class Trainer:
                  f"{tokens_per_step:,} tokens/step; run dir {run_dir}")
 
         tokenizer = self._tokenizer(chars, mcfg)
-        metrics = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
-        from tqdm.auto import tqdm
+        from gptkit.loggers import RunLogger
 
-        bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and dist.is_main),
-                   dynamic_ncols=True, unit="step")
+        # metrics.jsonl (+ TensorBoard / W&B); on resume, records past the checkpoint are dropped
+        metrics = RunLogger(run_dir, cfg, resume_step=step if resume_ckpt is not None else None) \
+            if dist.is_main else None
+        say = self._say
+        bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main)
         t_start = time.time()
         tokens_seen = step * tokens_per_step
         last_log_t, last_log_step = time.time(), step
         train_loss = None
         skipped = 0
+        # with FSDP every forward is collective: evals and samples run on every rank
+        everyone = dist.is_main or self.fsdp
         try:
             while step < cfg.max_steps:
                 lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, decay_steps)
@@ -321,8 +340,7 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device)
                 for micro in range(self.micro_steps):
                     x, y = train_loader.next_batch(self.device)
-                    sync_ctx = (train_model.no_sync() if dist.enabled and micro < self.micro_steps - 1
-                                else _nullctx())
+                    sync_ctx = parallel.set_gradient_sync(train_model, micro == self.micro_steps - 1)
                     with sync_ctx:
                         with autocast(self.device, self.dtype):
                             _, loss = train_model(x, y)
@@ -333,16 +351,21 @@ class Trainer:
                     import torch.distributed as tdist
 
                     tdist.all_reduce(loss_avg, op=tdist.ReduceOp.AVG)
-                if cfg.grad_clip > 0:
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                else:
-                    gnorm = None
-                if not torch.isfinite(loss_avg) or (gnorm is not None and not torch.isfinite(gnorm)):
-                    optimizer.zero_grad(set_to_none=True)
+                # the norm is taken even without clipping: a non-finite gradient must not reach AdamW
+                gnorm = parallel.local_scalar(torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                if not (torch.isfinite(loss_avg) and torch.isfinite(gnorm)):
                     skipped += 1
-                    self.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                    if skipped > 10:
-                        raise GptkitError("training diverged: more than 10 non-finite steps", "lr",
+                    say(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(loss_avg) else 'gradient'}, "
+                        f"step skipped ({skipped} so far)")
+                    if metrics:
+                        metrics.log({"step": step + 1, "tokens": tokens_seen + tokens_per_step,
+                                     "elapsed_s": round(time.time() - t_start, 3), "skipped": True,
+                                     "skipped_steps": skipped})
+                    if skipped > cfg.max_bad_steps:
+                        optimizer.zero_grad(set_to_none=True)
+                        raise GptkitError(f"training diverged: {skipped} steps with a non-finite loss or gradient "
+                                          f"(max_bad_steps={cfg.max_bad_steps})", "lr",
                                           "lower lr or use float32; the last good checkpoint is intact")
                 else:
                     optimizer.step()
@@ -361,43 +384,49 @@ class Trainer:
                     last_log_t, last_log_step = now, step
                     rec = {"step": step, "tokens": tokens_seen, "elapsed_s": round(now - t_start, 3),
                            "train_loss": train_loss, "lr": lr, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+                    if skipped:
+                        rec["skipped_steps"] = skipped
                     eval_now = cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps
                     if eval_now:
                         rec["val_loss"] = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
-                        bar.write(f"step {step}: train {train_loss:.4f}, val {rec['val_loss']:.4f}")
+                        say(f"step {step}: train {train_loss:.4f}, val {rec['val_loss']:.4f}")
                     if metrics:
-                        metrics.write(json.dumps(rec) + "\n")
-                        metrics.flush()
+                        metrics.log(rec)
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 elif cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps:
                     v = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
                     if metrics:
-                        metrics.write(json.dumps({"step": step, "tokens": tokens_seen,
-                                                  "elapsed_s": round(time.time() - t_start, 3), "val_loss": v}) + "\n")
-                    bar.write(f"step {step}: val {v:.4f}")
+                        metrics.log({"step": step, "tokens": tokens_seen,
+                                     "elapsed_s": round(time.time() - t_start, 3), "val_loss": v})
+                    say(f"step {step}: val {v:.4f}")
 
-                if cfg.sample_interval and step % cfg.sample_interval == 0 and step != cfg.max_steps and tokenizer:
-                    bar.write(f"--- sample at step {step} ---\n{self._sample(model, tokenizer)}\n---")
+                if (cfg.sample_interval and step % cfg.sample_interval == 0 and step != cfg.max_steps and tokenizer
+                        and everyone):
+                    text = self._sample(model, tokenizer)
+                    say(f"--- sample at step {step} ---\n{text}\n---")
                 if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step != cfg.max_steps:
                     self._save(run_dir, step, model, optimizer, names, train_loader, chars, mcfg)
+        except BaseException:
+            if metrics:
+                metrics.close()
+            raise
         finally:
             bar.close()
 
         self._save(run_dir, step, model, optimizer, names, train_loader, chars, mcfg)
         final_val = None
-        if cfg.final_eval and dist.is_main:
+        if cfg.final_eval and everyone:
             final_val, n = evaluate(model, data_dir, cfg.block_size, max(cfg.batch_size, 64), self.device, self.dtype,
-                                    progress=cfg.progress)
+                                    progress=cfg.progress and dist.is_main)
             self.log(f"final val loss {final_val:.4f} (perplexity {math.exp(min(final_val, 50)):.2f}) "
                      f"over the whole val split, {n:,} tokens")
             if metrics:
-                metrics.write(json.dumps({"step": step, "tokens": tokens_seen,
-                                          "elapsed_s": round(time.time() - t_start, 3), "val_loss": final_val,
-                                          "final": True}) + "\n")
+                metrics.log({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.time() - t_start, 3),
+                             "val_loss": final_val, "final": True})
         if metrics:
             metrics.close()
         sample = None
-        if tokenizer and dist.is_main and cfg.sample_tokens:
+        if tokenizer and everyone and cfg.sample_tokens:
             sample = self._sample(model, tokenizer)
             self.log(f"--- sample ---\n{sample}\n---")
         elapsed = time.time() - t_start
@@ -434,7 +463,21 @@ class Trainer:
         model.train(was_training)
         return text
 
+    def _say(self, text: str) -> None:
+        """A line between progress-bar updates, from rank 0 only."""
+        if self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text) if self.cfg.progress else self.log(text)
+
     def _save(self, run_dir, step, model, optimizer, names, loader, chars, mcfg) -> None:
+        """Rank 0 writes; under FSDP every rank first helps gather the full tensors."""
+        tensors, opt_state, rng_ranks = model, optimizer, None
+        if self.fsdp:
+            tensors = parallel.full_model_tensors(model)
+            opt_state = parallel.full_optimizer_state(model, optimizer, names)
+        if self.dist.enabled:
+            rng_ranks = parallel.gather_rng(self.device)
         if not self.dist.is_main:
             return
         state = {"model_config": mcfg.to_dict(), "train_config": self.cfg.to_dict(),
@@ -442,27 +485,32 @@ class Trainer:
                               "warmup_steps": self.cfg.warmup_steps,
                               "decay_steps": self.cfg.decay_steps or self.cfg.max_steps},
                  "loader": loader.state_dict(), "rng": ckpt_lib.rng_state(), "chars": chars}
-        ckpt_lib.save_checkpoint(run_dir, step, model, state, optimizer, names, keep_last=self.cfg.keep_last)
+        if rng_ranks:
+            state["rng_ranks"] = rng_ranks
+        ckpt_lib.save_checkpoint(run_dir, step, tensors, state, opt_state, names, keep_last=self.cfg.keep_last)
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
+def progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm bar: step n/total, elapsed and ETA; loss, tok/s and MFU are set as its postfix."""
+    from tqdm.auto import tqdm
 
-    def __exit__(self, *a):
-        return False
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step",
+                bar_format="{l_bar}{bar}| step {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]")
 
 
 def train(cfg: TrainConfig | None = None, model_overrides: dict[str, Any] | None = None, resume: bool = False,
           log=print) -> TrainResult:
     """Train with `cfg` (defaults: the main job, char-level tiny Shakespeare)."""
+    from gptkit.runtime import teardown_distributed
+
     trainer = Trainer(cfg or TrainConfig(), model_overrides, resume, log)
     try:
-        return trainer.run()
-    finally:
-        from gptkit.runtime import teardown_distributed
-
-        teardown_distributed()
+        result = trainer.run()
+    except BaseException:
+        teardown_distributed(barrier=False)
+        raise
+    teardown_distributed(barrier=True)  # gloo aborts if a rank leaves while another still talks to it
+    return result
 
 
 def config_help() -> str:
