@@ -91,8 +91,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     key = (str(device), dtype, n)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, resume) untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm-up
     synchronize(device)
     best = float("inf")
