@@ -156,3 +156,35 @@ def _eval(p):
         loss, n = evaluate_model(a.model, a.data, a.split, a.batch_size, a.block_size, a.device, a.dtype)
         print(f"{a.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} over {n:,} tokens")
     return run
+
+
+@command("convert", "convert a model between gptkit, Hugging Face and llm.c formats")
+def _convert(p):
+    p.add_argument("src", metavar="SRC", help="anything loadable: run/checkpoint/HF/TF directory, llm.c .bin, gpt2...")
+    p.add_argument("dst", metavar="DST", help="output directory")
+    p.add_argument("--to", required=True, choices=["gptkit", "hf", "llmc", "llmc-bf16"],
+                   help="gptkit checkpoint, Hugging Face directory, or llm.c model.bin (fp32 v3 / bf16 v5) "
+                        "+ tokenizer.bin")
+    p.add_argument("--vocab", help="GPT-2 vocabulary file or directory (for llm.c's tokenizer.bin)")
+
+    def run(a):
+        from gptkit.convert import convert
+
+        res = convert(a.src, a.dst, a.to, a.vocab)
+        for note in res.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"wrote {res.dst} ({a.to}): {', '.join(f.name for f in res.files)}")
+    return run
+
+
+@command("validate", "check a model against an llm.c debug state, as llm.c's test_gpt2 does")
+def _validate(p):
+    p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
+    p.add_argument("--debug-state", required=True, help="llm.c debug state file (e.g. gpt2_124M_debug_state.bin)")
+    p.add_argument("--steps", type=int, default=10, help="AdamW steps on the state's batch (default 10)")
+
+    def run(a):
+        from gptkit.validate import validate
+
+        return 0 if validate(a.model, a.debug_state, a.steps).ok else 1
+    return run

@@ -79,6 +79,8 @@ def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
         if hf.is_hf_dir(path):
             config, sd = hf.load_hf(path)
             return Loaded(build_model(config, sd, str(path)), "hf", path, tokenizer_dir=path)
+        if (path / "model.bin").is_file():  # an llm.c export: model.bin (+ tokenizer.bin)
+            return load_model(path / "model.bin", **kwargs)
         if (path / "model.ckpt.index").is_file():
             from gptkit.formats.tf import load_tf
 
@@ -90,9 +92,10 @@ def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
     with open(path, "rb") as f:
         head = f.read(4)
     if head == (20240326).to_bytes(4, "little"):
-        from gptkit.formats.llmc import read_model
+        from gptkit.formats.llmc import chars_beside, read_model
 
         config, sd = read_model(path)
-        return Loaded(build_model(config, sd, str(path)), "llmc", path, tokenizer_dir=path.parent)
+        return Loaded(build_model(config, sd, str(path)), "llmc", path, chars=chars_beside(path, config.vocab_size),
+                      tokenizer_dir=path.parent)
     raise GptkitError("not a model file", path,
                       "a single-file model must be an llm.c model .bin (magic 20240326)")

@@ -133,7 +133,8 @@ def _tensor_to_bytes(t: torch.Tensor, dtype: torch.dtype) -> bytes:
     return t.numpy().astype("<f4").tobytes()
 
 
-def _stack(sd: dict[str, torch.Tensor], config: GPTConfig, short: str, name: str) -> torch.Tensor:
+def stack_param(sd: dict[str, torch.Tensor], config: GPTConfig, short: str, name: str) -> torch.Tensor:
+    """One entry of MODEL_ORDER as the file stores it: stacked over layers, wte padded to Vp."""
     if "{i}" not in name:
         t = sd[name]
         if short == "wte" and t.shape[0] != config.padded_vocab_size:  # pad the vocab to Vp with zeros
@@ -148,7 +149,7 @@ def _stack(sd: dict[str, torch.Tensor], config: GPTConfig, short: str, name: str
 def write_params(f, sd: dict[str, torch.Tensor], config: GPTConfig, dtype: torch.dtype) -> None:
     """The 16 tensors of MODEL_ORDER from a gptkit state dict (or gradients keyed the same way)."""
     for short, name in MODEL_ORDER:
-        f.write(_tensor_to_bytes(_stack(sd, config, short, name), dtype))
+        f.write(_tensor_to_bytes(stack_param(sd, config, short, name), dtype))
 
 
 def read_params(buf: memoryview, config: GPTConfig, dtype: torch.dtype,
@@ -213,7 +214,7 @@ def read_model(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     buf = memoryview(path.read_bytes())[HEADER_BYTES:]
     sd = read_params(buf, config, MODEL_VERSIONS[version], Vp)
     if Vp != config.padded_vocab_size:  # another padding than gptkit's: keep the real rows
-        sd["transformer.wte.weight"] = _stack({"w": sd["transformer.wte.weight"][: config.vocab_size]},
+        sd["transformer.wte.weight"] = stack_param({"w": sd["transformer.wte.weight"][: config.vocab_size]},
                                               config, "wte", "w")
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return config, sd
@@ -276,13 +277,6 @@ def read_tokenizer(path: str | Path) -> LlmcTokenizer:
     return LlmcTokenizer(tokens, eot, version)
 
 
-def gpt2_tokenizer(vocab: str | Path | None = None) -> LlmcTokenizer:
-    """GPT-2's 50257 token byte strings (50256 = `<|endoftext|>`), from gptkit's BPE tokenizer."""
-    enc = _gpt2_encoding(vocab)
-    tokens = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
-    return LlmcTokenizer(tokens, GPT2_EOT, 2)
-
-
 def char_tokenizer(chars: list[str]) -> LlmcTokenizer:
     """A char-level vocab as a tokenizer file. Char vocabs have no EOT token; llm.c starts its
     samples at the EOT id, so we point it at "\\n" (where nanoGPT's char samples start) or id 0."""
@@ -290,41 +284,20 @@ def char_tokenizer(chars: list[str]) -> LlmcTokenizer:
     return LlmcTokenizer([c.encode("utf-8") for c in chars], eot, 2)
 
 
-def _gpt2_encoding(vocab):
+def chars_beside(model_file: str | Path, vocab_size: int) -> list[str] | None:
+    """The char vocab of a tokenizer.bin next to an llm.c model file, if it is a char vocab
+    (one character per id, vocab_size ids); None otherwise (e.g. GPT-2's BPE)."""
+    f = Path(model_file).parent / "tokenizer.bin"
+    if vocab_size == GPT2_EOT + 1 or not f.is_file():
+        return None
+    tok = read_tokenizer(f)
     try:
-        from gptkit.tokenizer import load_gpt2_encoding  # the project's resolution order, when present
-    except ImportError:
-        load_gpt2_encoding = None
-    if load_gpt2_encoding is not None:
-        return load_gpt2_encoding(vocab)
-    return _fallback_gpt2_encoding(vocab)
-
-
-def _fallback_gpt2_encoding(vocab):
-    import os
-
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    candidates = [vocab, os.environ.get("GPTKIT_GPT2_VOCAB")]
-    if os.environ.get("GPTKIT_DATA"):
-        candidates.append(Path(os.environ["GPTKIT_DATA"]) / "gpt2.tiktoken")
-    for c in candidates:
-        if not c:
-            continue
-        p = Path(c)
-        p = p / "gpt2.tiktoken" if p.is_dir() else p
-        if p.is_file():
-            ranks = load_tiktoken_bpe(str(p))
-            # GPT-2's pre-tokenizer pattern (tiktoken's gpt2 definition)
-            pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-            return tiktoken.Encoding("gpt2", pat_str=pat, mergeable_ranks=ranks,
-                                     special_tokens={"<|endoftext|>": GPT2_EOT})
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise GptkitError(f"GPT-2 vocabulary not found ({type(e).__name__})", "--vocab",
-                          "set GPTKIT_GPT2_VOCAB or GPTKIT_DATA to a folder holding gpt2.tiktoken") from None
+        chars = [b.decode("utf-8") for b in tok.tokens]
+    except UnicodeDecodeError:
+        return None
+    if len(chars) != vocab_size or any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+        return None
+    return chars
 
 
 # ---------------------------------------------------------------------------------------------

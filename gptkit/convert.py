@@ -1,0 +1,98 @@
+"""`gptkit convert SRC DST --to gptkit|hf|llmc|llmc-bf16`: any loadable model into any format.
+
+SRC is anything gptkit.loading recognises. The targets:
+- gptkit: a run directory DST holding one checkpoint (model.safetensors + state.json), which
+  carries the config and, for a char model, its vocabulary;
+- hf: a directory transformers loads (config.json + model.safetensors), plus the source's BPE files;
+- llmc / llmc-bf16: a directory with llm.c's model.bin (v3 fp32 / v5 bf16) and tokenizer.bin
+  (GPT-2's BPE for a 50257-token model, the char vocab for a char model).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptkit.config import GPT2_VOCAB_SIZE
+from gptkit.errors import GptkitError
+
+TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16")
+HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "encoder.json", "vocab.bpe")
+
+
+@dataclass
+class ConvertResult:
+    dst: Path
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def llmc_tokenizer_for(loaded, vocab: str | Path | None = None):
+    """The tokenizer.bin content for a loaded model, or None where it has no tokenizer of its own."""
+    from gptkit.formats import llmc
+
+    if loaded.chars:
+        return llmc.char_tokenizer(loaded.chars)
+    if loaded.model.config.vocab_size != GPT2_VOCAB_SIZE:
+        return None
+    from gptkit.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer(vocab, loaded.tokenizer_dir)
+    return llmc.LlmcTokenizer([tok.token_bytes(i) for i in range(GPT2_VOCAB_SIZE)], tok.eot, 2)
+
+
+def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None) -> ConvertResult:
+    """Load SRC and write it to DST in format `to` (one of TARGETS)."""
+    from gptkit.loading import load_model
+
+    if to not in TARGETS:
+        raise GptkitError(f"unknown target format {to!r}", "--to", f"use one of {', '.join(TARGETS)}")
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise GptkitError("destination exists and is not a directory", dst, "give a directory path")
+    loaded = load_model(src)
+    model, config = loaded.model, loaded.model.config
+    res = ConvertResult(dst)
+
+    if to == "gptkit":
+        from gptkit.checkpoint import save_checkpoint
+
+        state = {"model_config": config.to_dict(), "converted_from": str(src)}
+        if loaded.chars:
+            state["chars"] = loaded.chars
+        ckpt = save_checkpoint(dst, int(loaded.state.get("step", 0)), model, state)
+        res.files += sorted(ckpt.iterdir())
+    elif to == "hf":
+        from gptkit.formats.hf import save_hf
+
+        save_hf(model, dst)
+        res.files += [dst / "config.json", dst / "model.safetensors"]
+        tdir = loaded.tokenizer_dir
+        if tdir is not None and Path(tdir).is_dir() and Path(tdir).resolve() != dst.resolve():
+            for name in HF_TOKENIZER_FILES:
+                if (Path(tdir) / name).is_file():
+                    shutil.copyfile(Path(tdir) / name, dst / name)
+                    res.files.append(dst / name)
+        if loaded.chars:
+            res.notes.append("Hugging Face has no char-level tokenizer: the char vocab is not exported")
+    else:
+        from gptkit.formats import llmc
+
+        dst.mkdir(parents=True, exist_ok=True)
+        dtype = torch.bfloat16 if to == "llmc-bf16" else torch.float32
+        llmc.write_model(dst / "model.bin", model.state_dict(), config, dtype)
+        res.files.append(dst / "model.bin")
+        if to == "llmc-bf16":
+            res.notes.append("model.bin is version 5 (bf16): it loads in llm.c's CUDA trainer, not train_gpt2.c")
+        tok = llmc_tokenizer_for(loaded, vocab)
+        if tok is None:
+            res.notes.append(f"no tokenizer.bin: the model has vocab_size {config.vocab_size} and no tokenizer "
+                             "of its own")
+        else:
+            llmc.write_tokenizer(dst / "tokenizer.bin", tok)
+            res.files.append(dst / "tokenizer.bin")
+    return res
