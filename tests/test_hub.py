@@ -190,7 +190,8 @@ def test_unknown_name_is_rejected():
 def test_cli_downloads_with_hf_endpoint_and_hf_home_and_shows_progress(hub, tmp_path):
     server, hf_model = hub
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(PYTHONPATH=str(ROOT), HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "home"))
+    env.update(PYTHONPATH=str(ROOT), HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "home"),
+               TQDM_POSITION="-1")  # huggingface_hub draws bars on a terminal; this forces them into the pipe
     out = tmp_path / "exported"
     r = subprocess.run([sys.executable, "-m", "gptkit", "convert", "gpt2", str(out), "--to", "hf"],
                        env=env, capture_output=True, text=True, timeout=120)

@@ -7,8 +7,8 @@ torch.load(weights_only=True), which never runs code) and the tokenizer files, i
 huggingface_hub's cache, and return the snapshot directory, which gptkit.formats.hf loads.
 
 The environment is read at call time: HF_ENDPOINT (a mirror), HF_HOME / HF_HUB_CACHE (the cache)
-and HF_HUB_OFFLINE (use the cache only). huggingface_hub draws its progress bars on stderr
-(HF_HUB_DISABLE_PROGRESS_BARS=1 turns them off).
+and HF_HUB_OFFLINE (use the cache only). huggingface_hub draws a progress bar per file on stderr
+when it is a terminal (HF_HUB_DISABLE_PROGRESS_BARS=1 turns them off, TQDM_POSITION=-1 forces them).
 """
 
 from __future__ import annotations
