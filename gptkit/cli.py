@@ -117,7 +117,7 @@ def _train(p):
     return run
 
 
-@command("sample", "generate text from a model")
+@command("sample", "generate text from a model, printing it as it comes")
 def _sample(p):
     p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
     p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
@@ -125,16 +125,25 @@ def _sample(p):
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sample i uses seed + i")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
     p.add_argument("--device", default="auto")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (not printed); repeatable")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL)")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1 = beam search (deterministic)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**penalty")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="weight precision for inference (weight-only)")
+    p.add_argument("--truncate", action="store_true", help="cut a too-long prompt to its last tokens (warns)")
 
     def run(a):
         from gptkit.sample import run_sample
 
         run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
-                   a.vocab, a.device)
+                   a.vocab, a.device, stop=a.stop, repetition_penalty=a.repetition_penalty, num_beams=a.num_beams,
+                   length_penalty=a.length_penalty, dtype=a.dtype, truncate=a.truncate)
     return run
 
 

@@ -176,10 +176,11 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None = None, last_only: bool = False):
         """idx (B, T). With `cache`, idx holds only the new positions and T may be 1.
         positions (B, T) overrides the default positions (pos..pos+T-1), e.g. for left padding;
-        key_mask (B, T_total) bool, False = a padding key that no query may attend to."""
+        key_mask (B, T_total) bool, False = a padding key that no query may attend to.
+        last_only: return logits (B, 1, V) for the last position only (generation's prefill)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -192,6 +193,8 @@ class GPT(nn.Module):
             x = block(x, cache, key_mask)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:, :]
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): crop the padding
         if targets is None:

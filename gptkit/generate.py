@@ -1,0 +1,502 @@
+"""The generation engine: batches of prompts with their own settings, stop conditions, streaming
+text, and beam search.
+
+- `SamplingParams` holds one request's settings (greedy when temperature is 0, top-k, top-p,
+  repetition penalty, stop strings and token ids, max new tokens, seed).
+- `Generation` runs several requests in one batch. Prompts of unequal length are left-padded and
+  run in one forward pass: padding keys are masked out and every row gets its own position ids, so
+  a row generates what it would generate alone. Each `step()` feeds one token per row through the
+  KV cache and returns `Event`s: the new token, the text it completes, and whether the row finished.
+  Finished or cancelled rows leave the batch, so the others go on at the smaller batch's speed.
+- Text comes out through `TextStream`: incremental UTF-8 decoding (a multi-byte character is
+  never split across pieces) plus stop strings matched on the decoded text, so a stop string may
+  span tokens. Text that could still be the start of a stop string is held back until it can't.
+- A seeded row draws its uniform numbers from its own generator, so its sample does not depend on
+  which other requests share the batch.
+- `beam_search` follows transformers' beam search (the same candidates, finished-hypothesis
+  bookkeeping, length penalty and early-stopping rules), so both return the same beams.
+- A prompt longer than the context is an error, or is cut to its last tokens with a warning
+  (`truncate=True`). Past the context, generation goes on with nanoGPT's sliding window: each step
+  recomputes the last block_size tokens.
+
+Shapes: B rows, T time, V vocab.
+"""
+
+from __future__ import annotations
+
+import codecs
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from gptkit.errors import GptkitError
+from gptkit.model import GPT, KVCache
+from gptkit.sample import candidate_probs, repetition_penalty, sample_from_logits
+
+
+@dataclass
+class SamplingParams:
+    """One request's settings. temperature 0 = greedy; top_k None/0 and top_p None/1 = off."""
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()  # stop strings, matched on the decoded text; not returned
+    stop_token_ids: Sequence[int] = ()  # besides the tokenizer's <|endoftext|>
+    ignore_eot: bool = False  # keep going past <|endoftext|> (benchmarks)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in self.stop if s)
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+
+    def validate(self, option_names: dict[str, str] | None = None) -> "SamplingParams":
+        """Raise GptkitError naming the bad field (or its CLI option, through option_names)."""
+        name = lambda f: (option_names or {}).get(f, f)  # noqa: E731
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise GptkitError(f"must be an integer >= 0, got {self.max_new_tokens!r}", name("max_new_tokens"))
+        if not self.temperature >= 0:
+            raise GptkitError(f"must be >= 0, got {self.temperature}", name("temperature"), "0 means greedy")
+        if self.top_k is not None and self.top_k < 0:
+            raise GptkitError(f"must be > 0, got {self.top_k}", name("top_k"))
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GptkitError(f"must be in (0, 1], got {self.top_p}", name("top_p"))
+        if not self.repetition_penalty > 0:
+            raise GptkitError(f"must be > 0, got {self.repetition_penalty}", name("repetition_penalty"),
+                              "1.0 means no penalty")
+        return self
+
+
+@dataclass
+class Event:
+    """What one step produced for one request."""
+
+    index: int  # the request's position in the list given to Generation
+    token: int | None  # the new token id (None when a cancelled row is reported)
+    text: str  # newly completed text; may be "" while a character or a possible stop string is pending
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOT, stop token or string, cancel) | "length"
+
+
+@dataclass
+class Completion:
+    """A finished request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    score: float | None = None  # beam search: the length-penalised log-probability
+
+
+def token_bytes_fn(tokenizer):
+    """id -> the bytes of that token, for either tokenizer kind."""
+    if hasattr(tokenizer, "token_bytes"):
+        return tokenizer.token_bytes
+    cache: dict[int, bytes] = {}
+
+    def tb(i: int) -> bytes:
+        b = cache.get(i)
+        if b is None:
+            b = cache[i] = tokenizer.decode([i]).encode("utf-8")
+        return b
+    return tb
+
+
+class TextStream:
+    """Turns token bytes into text pieces that never split a UTF-8 character, and finds stop
+    strings in the decoded text, including ones that span several tokens."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""  # all complete characters so far
+        self.sent = 0  # how much of self.text was handed out
+        self.stopped = False
+
+    def push(self, data: bytes) -> str:
+        """Add one token's bytes; return the text that is now safe to hand out."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.decode(data)
+        if not self.stops:
+            return self._emit(len(self.text))
+        # every stop occurrence starts at or after `sent`: text before it was released only when
+        # no stop string could begin there
+        hits = [p for p in (self.text.find(s, self.sent) for s in self.stops) if p >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+            self.text = self.text[:end]
+            return self._emit(end)
+        return self._emit(len(self.text) - self._pending_prefix())
+
+    def finish(self) -> str:
+        """End of generation: release what was held back (an incomplete character becomes U+FFFD)."""
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+        return self._emit(len(self.text))
+
+    def _pending_prefix(self) -> int:
+        """Length of the longest suffix of the unsent text that is a proper prefix of a stop string."""
+        tail = self.text[self.sent:]
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(tail)), best, -1):
+                if tail.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _emit(self, end: int) -> str:
+        piece = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return piece
+
+
+def prepare_prompt(ids: Sequence[int], block_size: int, truncate: bool = False, where: str = "prompt") -> list[int]:
+    """Check a prompt against the context: longer than block_size - 1 tokens is an error, or with
+    truncate=True it keeps the last block_size - 1 tokens and warns."""
+    ids = list(ids)
+    limit = block_size - 1  # room for at least one new token inside the context
+    if len(ids) > limit:
+        if not truncate:
+            raise GptkitError(f"prompt has {len(ids)} tokens, the model's context is {block_size}", where,
+                              f"shorten it to at most {limit} tokens, or allow truncation")
+        warnings.warn(f"prompt has {len(ids)} tokens, more than the context allows; "
+                      f"keeping its last {limit} tokens", stacklevel=2)
+        ids = ids[-limit:]
+    if not ids:
+        raise GptkitError("prompt is empty", where, "give at least one token (e.g. <|endoftext|>)")
+    return ids
+
+
+class _Row:
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, eot: int | None, tb):
+        self.index = index
+        self.prompt = prompt
+        self.params = params
+        self.tokens: list[int] = []
+        self.stream = TextStream(params.stop) if tb is not None else None
+        self.tb = tb
+        self.stop_ids = set(params.stop_token_ids)
+        if eot is not None and not params.ignore_eot:
+            self.stop_ids.add(eot)
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator()  # on the CPU: one uniform number per step
+            self.generator.manual_seed(int(params.seed))
+        self.finished = False
+        self.finish_reason: str | None = None
+
+
+class Generation:
+    """A batch of requests generated together, one token per row per `step()`.
+
+    prompts: token id lists (already checked with `prepare_prompt`); params: one SamplingParams
+    for all or one per prompt; tokenizer (optional) turns tokens into text and enables stop
+    strings; eot: the end-of-text id (default: the tokenizer's); generator: the random stream of
+    rows without a seed (default: torch's global RNG).
+    """
+
+    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 tokenizer=None, eot: int | None = None, generator: torch.Generator | None = None):
+        if not prompts:
+            raise ValueError("no prompts")
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        self.model = model
+        self.config = model.config
+        self.device = model.transformer.wte.weight.device
+        self.tokenizer = tokenizer
+        self.generator = generator  # for rows without a seed (default: torch's global RNG)
+        if eot is None and tokenizer is not None:
+            eot = tokenizer.eot
+        tb = token_bytes_fn(tokenizer) if tokenizer is not None else None
+        self.rows = [_Row(i, list(p), sp, eot, tb) for i, (p, sp) in enumerate(zip(prompts, params))]
+        for r in self.rows:
+            if not r.prompt:
+                raise GptkitError("prompt is empty", f"prompt {r.index}", "give at least one token")
+            if len(r.prompt) >= self.config.block_size:
+                raise GptkitError(f"prompt has {len(r.prompt)} tokens, the model's context is {self.config.block_size}",
+                                  f"prompt {r.index}", "shorten it or truncate it with prepare_prompt")
+        self.active: list[_Row] = []
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None  # (B_active, V) for the next token
+        self.started = False
+        for r in self.rows:  # nothing to generate
+            if r.params.max_new_tokens == 0:
+                r.finished, r.finish_reason = True, "length"
+        self.pending: list[Event] = [Event(r.index, None, "", True, "length") for r in self.rows if r.finished]
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return all(r.finished for r in self.rows)
+
+    def cancel(self, index: int) -> None:
+        """Stop request `index` (e.g. its client went away); it leaves the batch at the next step."""
+        r = self.rows[index]
+        if not r.finished:
+            r.finished, r.finish_reason = True, "stop"
+            self.pending.append(Event(index, None, "", True, "stop"))
+
+    def __iter__(self) -> Iterator[Event]:
+        while not self.done or self.pending:
+            yield from self.step()
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Run one forward pass and pick one token for every unfinished row."""
+        events, self.pending = self.pending, []
+        if self.done:
+            return events
+        if not self.started:
+            self._start()
+        else:
+            self._compact()
+            self._advance()
+        tokens = self._choose()  # (B_active,) on the CPU
+        for r, t in zip(self.active, tokens.tolist()):
+            events.append(self._accept(r, t))
+        self.last = tokens
+        return events
+
+    # ------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Prefill: all prompts left-padded into one batch."""
+        self.started = True
+        self.active = [r for r in self.rows if not r.finished]
+        rows = self.active
+        dev = self.device
+        B = len(rows)
+        lens = torch.tensor([len(r.prompt) for r in rows])
+        T = int(lens.max())
+        max_len = min(self.config.block_size, T + max(r.params.max_new_tokens for r in rows))
+        self.pad = (T - lens).to(dev)  # (B,) left padding per row
+        idx = torch.zeros(B, T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, T - len(r.prompt):] = torch.tensor(r.prompt)
+        idx = idx.to(dev)
+        self.padded = bool(self.pad.any())
+        self.key_mask = None
+        positions = None
+        if self.padded:
+            slot = torch.arange(max_len, device=dev)
+            self.key_mask = slot[None, :] >= self.pad[:, None]  # (B, max_len)
+            positions = (torch.arange(T, device=dev)[None, :] - self.pad[:, None]).clamp_(min=0)  # (B, T)
+        dtype = self.model.transformer.wte.weight.dtype
+        self.cache = KVCache(self.config, B, max_len, dev, dtype)
+        self.logits = self.model(idx, cache=self.cache, positions=positions,
+                                 key_mask=None if self.key_mask is None else self.key_mask[:, :T],
+                                 last_only=True)[:, -1, :].float()
+        self._setup_sampling()
+
+    def _setup_sampling(self) -> None:
+        rows, dev = self.active, self.device
+        V = self.config.vocab_size
+        p = [r.params for r in rows]
+        self.greedy = torch.tensor([sp.temperature == 0 for sp in p], device=dev)
+        self.all_greedy = bool(self.greedy.all())
+        self.temperature = torch.tensor([sp.temperature or 1.0 for sp in p], device=dev)
+        self.top_k = torch.tensor([min(sp.top_k, V) if sp.top_k else V for sp in p], device=dev)
+        self.top_p = torch.tensor([sp.top_p if sp.top_p is not None else 1.0 for sp in p], device=dev)
+        self.penalty = torch.tensor([sp.repetition_penalty for sp in p], device=dev)
+        self.seen = None
+        if bool((self.penalty != 1.0).any()):
+            self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
+            for i, r in enumerate(rows):
+                self.seen[i, torch.tensor(r.prompt, device=dev).clamp(max=V - 1)] = True
+
+    def _compact(self) -> None:
+        """Drop finished rows from the batch (and from the cache)."""
+        keep = [i for i, r in enumerate(self.active) if not r.finished]
+        if len(keep) == len(self.active):
+            return
+        k = torch.tensor(keep, device=self.device)
+        self.active = [self.active[i] for i in keep]
+        self.last = self.last[k.cpu()]
+        self.pad = self.pad[k]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[k]
+        if self.cache is not None:
+            self.cache.reorder(k)
+        self.greedy, self.temperature, self.top_k = self.greedy[k], self.temperature[k], self.top_k[k]
+        self.top_p, self.penalty = self.top_p[k], self.penalty[k]
+        self.all_greedy = bool(self.greedy.all())
+        if self.seen is not None:
+            self.seen = self.seen[k]
+
+    def _advance(self) -> None:
+        """Feed the last tokens: through the cache, or past the context by recomputing a window."""
+        cache = self.cache
+        if cache is not None and cache.pos < cache.max_len:
+            positions = None
+            km = None
+            if self.padded:
+                positions = (cache.pos - self.pad)[:, None]  # (B, 1)
+                km = self.key_mask[:, : cache.pos + 1]
+            idx = self.last.to(self.device)[:, None]
+            self.logits = self.model(idx, cache=cache, positions=positions, key_mask=km)[:, -1, :].float()
+            return
+        self.cache = None  # sliding window: recompute the last block_size tokens of every row
+        bs = self.config.block_size
+        seqs = [(r.prompt + r.tokens)[-bs:] for r in self.active]
+        T = max(len(s) for s in seqs)
+        idx = torch.zeros(len(seqs), T, dtype=torch.long)
+        pad = torch.tensor([T - len(s) for s in seqs])
+        for i, s in enumerate(seqs):
+            idx[i, T - len(s):] = torch.tensor(s)
+        positions = key_mask = None
+        if bool(pad.any()):
+            key_mask = (torch.arange(T)[None, :] >= pad[:, None]).to(self.device)
+            positions = (torch.arange(T)[None, :] - pad[:, None]).clamp_(min=0).to(self.device)
+        self.logits = self.model(idx.to(self.device), positions=positions, key_mask=key_mask,
+                                 last_only=True)[:, -1, :].float()
+
+    def _choose(self) -> torch.Tensor:
+        logits = self.logits
+        if self.seen is not None:
+            logits = repetition_penalty(logits, self.seen, self.penalty)
+        if self.all_greedy:
+            return logits.argmax(dim=-1).cpu()
+        u = torch.empty(len(self.active))
+        unseeded = [i for i, r in enumerate(self.active) if r.generator is None]
+        if unseeded:
+            g = self.generator
+            u[unseeded] = torch.rand(len(unseeded), generator=g, device=g.device if g is not None else "cpu").cpu()
+        for i, r in enumerate(self.active):
+            if r.generator is not None:
+                u[i] = torch.rand(1, generator=r.generator).item()
+        tokens = sample_from_logits(logits, self.temperature, self.top_k, self.top_p, u.to(logits.device))
+        if bool(self.greedy.any()):
+            tokens = torch.where(self.greedy, logits.argmax(dim=-1), tokens)
+        return tokens.cpu()
+
+    def _accept(self, r: _Row, t: int) -> Event:
+        r.tokens.append(t)
+        if self.seen is not None:
+            self.seen[self.active.index(r), t] = True
+        if t in r.stop_ids:
+            r.tokens.pop()  # the stop token is not part of the text
+            r.finished, r.finish_reason = True, "stop"
+            text = r.stream.finish() if r.stream else ""
+            return Event(r.index, t, text, True, "stop")
+        text = ""
+        if r.stream is not None:
+            text = r.stream.push(r.tb(t))
+            if r.stream.stopped:
+                r.finished, r.finish_reason = True, "stop"
+                return Event(r.index, t, text, True, "stop")
+        if len(r.tokens) >= r.params.max_new_tokens:
+            r.finished, r.finish_reason = True, "length"
+            if r.stream is not None:
+                text += r.stream.finish()
+            return Event(r.index, t, text, True, "length")
+        return Event(r.index, t, text)
+
+    # ------------------------------------------------------------------------------------------
+    def completions(self) -> list[Completion]:
+        """Run to the end and return one Completion per request, in order."""
+        for _ in self:
+            pass
+        out = []
+        for r in self.rows:
+            text = r.stream.text if r.stream is not None else ""
+            out.append(Completion(text, list(r.tokens), r.finish_reason or "length", len(r.prompt)))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                   tokenizer=None, eot: int | None = None) -> list[Completion]:
+    """Generate every prompt (token ids) to completion in one batch."""
+    return Generation(model, prompts, params, tokenizer, eot).completions()
+
+
+@torch.inference_mode()
+def beam_search(model: GPT, prompt: Sequence[int], num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
+                early_stopping: bool | str = False, eos_token_ids: Iterable[int] = (),
+                num_return_sequences: int = 1) -> list[tuple[list[int], float]]:
+    """Beam search as transformers does it: returns the best `num_return_sequences` hypotheses as
+    (generated token ids including a final EOS, score), best first. The score is the sum of token
+    log-probabilities divided by (number of generated tokens) ** length_penalty.
+    early_stopping: True stops once num_beams hypotheses are finished; False stops when no running
+    beam can beat the worst finished one at its current length; "never" assumes the longest length."""
+    if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+        raise GptkitError(f"need 1 <= num_return_sequences ({num_return_sequences}) <= num_beams ({num_beams})",
+                          "num_beams")
+    cfg = model.config
+    dev = model.transformer.wte.weight.device
+    prompt = list(prompt)
+    if len(prompt) + max_new_tokens > cfg.block_size:
+        raise GptkitError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the context "
+                          f"({cfg.block_size})", "max_new_tokens", "beam search does not slide past the context")
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=dev)
+    n = num_beams
+    keep = max(2, 1 + len(eos)) * n  # candidates per step: enough to refill n running beams
+    NEG = -1.0e9
+    cache = KVCache(cfg, n, len(prompt) + max_new_tokens, dev, model.transformer.wte.weight.dtype)
+    idx = torch.tensor([prompt] * n, dtype=torch.long, device=dev)
+    logits = model(idx, cache=cache, last_only=True)[:, -1, :].float()  # (n, V)
+    V = logits.size(-1)
+    run_seq = torch.zeros(n, max_new_tokens, dtype=torch.long, device=dev)  # running hypotheses
+    run_score = torch.full((n,), NEG, device=dev)
+    run_score[0] = 0.0  # all beams start equal: only the first may expand at step 0
+    fin_seq = torch.zeros(n, max_new_tokens, dtype=torch.long, device=dev)
+    fin_len = torch.zeros(n, dtype=torch.long, device=dev)
+    fin_score = torch.full((n,), NEG, device=dev)
+    fin_done = torch.zeros(n, dtype=torch.bool, device=dev)
+    improvable = True
+    first_n = torch.arange(keep, device=dev) < n
+    for g in range(max_new_tokens):  # g tokens generated so far
+        total = (torch.log_softmax(logits, dim=-1) + run_score[:, None]).reshape(-1)  # (n*V,)
+        cand_score, cand = torch.topk(total, keep)  # (keep,), sorted
+        beam, tok = cand // V, cand % V
+        seq = run_seq[beam].clone()
+        seq[:, g] = tok
+        hit = torch.isin(tok, eos) if len(eos) else torch.zeros(keep, dtype=torch.bool, device=dev)
+        if g + 1 >= max_new_tokens:
+            hit = torch.ones_like(hit)
+        # the best n candidates that did not end continue running
+        nxt = torch.topk(cand_score + hit.float() * NEG, n).indices
+        new_run_seq, new_run_score, reorder = seq[nxt], (cand_score + hit.float() * NEG)[nxt], beam[nxt]
+        # among the first n candidates, those that ended become finished hypotheses
+        just = hit & first_n
+        fscore = cand_score / float(g + 1) ** length_penalty
+        if bool(fin_done.all()) and early_stopping is True:
+            fscore = fscore + NEG
+        if not improvable:
+            fscore = fscore + NEG
+        fscore = fscore + (~just).float() * NEG
+        m_score = torch.cat([fin_score, fscore])
+        m_seq = torch.cat([fin_seq, seq])
+        m_len = torch.cat([fin_len, torch.full((keep,), g + 1, device=dev)])
+        m_done = torch.cat([fin_done, just])
+        top = torch.topk(m_score, n).indices
+        fin_score, fin_seq, fin_len, fin_done = m_score[top], m_seq[top], m_len[top], m_done[top]
+        run_seq, run_score = new_run_seq, new_run_score
+        # can a running beam still beat the worst finished one?
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_len = max_new_tokens
+        else:
+            best_len = g + 1
+        best_possible = float(run_score[0]) / best_len ** length_penalty
+        worst = float(fin_score.min()) if bool(fin_done.all()) else NEG
+        improvable = improvable and best_possible > worst
+        if not improvable or (bool(fin_done.all()) and early_stopping is True) or bool(hit.all()):
+            break
+        cache.reorder(reorder)
+        logits = model(new_run_seq[:, g:g + 1], cache=cache)[:, -1, :].float()
+    out = []
+    for i in range(num_return_sequences):
+        out.append((fin_seq[i, : int(fin_len[i])].tolist(), float(fin_score[i])))
+    return out

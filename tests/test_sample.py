@@ -1,0 +1,253 @@
+"""The generation engine on its own: filters, the fused sampler, KV cache vs recompute, padded
+batches, seeds, stop strings, streaming text and long prompts."""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit.config import GPTConfig
+from gptkit.errors import GptkitError
+from gptkit.generate import Generation, SamplingParams, TextStream, generate_batch, prepare_prompt
+from gptkit.model import GPT
+from gptkit.sample import (candidate_probs, generate, repetition_penalty, sample_from_logits, top_k_filter,
+                           top_p_filter)
+from gptkit.tokenizer import CharTokenizer, load_bpe_vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(vocab_size=96, block_size=48, std=0.5, seed=0):
+    """A tiny random GPT with large weights, so greedy choices are rarely near-ties."""
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, std)
+    return m.eval()
+
+
+def char_tok(n=96):
+    return CharTokenizer([chr(32 + i) for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+
+def test_fused_sampler_distribution_equals_reference_filters():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 200) * 3
+    temps = torch.tensor([1.0, 0.7, 1.3, 2.0])
+    ks = torch.tensor([200, 50, 5, 120])
+    ps = torch.tensor([0.9, 1.0, 0.5, 0.95])
+    probs, ids = candidate_probs(logits, temps, ks, ps)
+    got = torch.zeros_like(logits).scatter_(1, ids, probs / probs.sum(-1, keepdim=True))
+    for i in range(4):
+        ref = top_p_filter(top_k_filter(logits[i:i + 1] / temps[i], int(ks[i])), float(ps[i]))
+        torch.testing.assert_close(got[i], torch.softmax(ref, -1)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_fused_sampler_draws_by_inverse_cdf():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    one = torch.ones(1)
+    pick = lambda u: int(sample_from_logits(logits, one, torch.tensor([3]), one, torch.tensor([u])))  # noqa: E731
+    assert [pick(0.1), pick(0.6), pick(0.9)] == [0, 1, 2]
+    # top-p 0.6 keeps {0, 1}; top-k 1 keeps {0}
+    assert int(sample_from_logits(logits, one, torch.tensor([3]), torch.tensor([0.6]), torch.tensor([0.99]))) == 1
+    assert int(sample_from_logits(logits, one, torch.tensor([1]), one, torch.tensor([0.99]))) == 0
+
+
+def test_repetition_penalty_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 30)
+    ids = torch.tensor([[1, 5, 5, 7], [0, 2, 29, 3]])
+    seen = torch.zeros(2, 30, dtype=torch.bool).scatter_(1, ids, True)
+    ref = transformers.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    torch.testing.assert_close(repetition_penalty(logits, seen, 1.3), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# engine
+
+def test_kv_cache_generation_equals_full_recompute():
+    m = tiny_model()
+    idx = torch.tensor([[3, 1, 4, 1, 5]])
+    a = generate(m, idx, 30, temperature=0)
+    b = generate(m, idx, 30, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    # past the context, the engine slides its window exactly like the recomputing reference
+    a = generate(m, idx, 50, temperature=0)
+    b = generate(m, idx, 50, temperature=0, use_cache=False)
+    assert a.shape[1] == 55 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_padded_batch_rows_equal_generating_alone(temperature):
+    m = tiny_model()
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [10, 11]]
+    sps = [SamplingParams(max_new_tokens=12, temperature=temperature, top_k=40, top_p=0.9, seed=s) for s in range(4)]
+    batch = generate_batch(m, prompts, sps)
+    for p, sp, c in zip(prompts, sps, batch):
+        alone = generate_batch(m, [p], sp)[0]
+        assert c.token_ids == alone.token_ids
+        assert len(c.token_ids) == 12 and c.finish_reason == "length"
+
+
+def test_rows_with_different_settings_and_lengths_share_a_batch():
+    m = tiny_model()
+    sps = [SamplingParams(max_new_tokens=3, temperature=0), SamplingParams(max_new_tokens=9, temperature=0.8, seed=1),
+           SamplingParams(max_new_tokens=0), SamplingParams(max_new_tokens=6, temperature=0, repetition_penalty=1.5)]
+    prompts = [[1, 2], [3], [4, 5, 6], [7, 7, 7]]
+    out = generate_batch(m, prompts, sps)
+    assert [len(c.token_ids) for c in out] == [3, 9, 0, 6]
+    for p, sp, c in zip(prompts, sps, out):
+        assert c.token_ids == generate_batch(m, [p], sp)[0].token_ids
+
+
+def test_same_seed_gives_same_sample_and_other_seeds_differ():
+    m = tiny_model()
+    run = lambda seed: generate_batch(m, [[1, 2, 3]], SamplingParams(max_new_tokens=20, seed=seed))[0].token_ids  # noqa
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_eot_and_stop_token_ids_end_a_row_and_are_not_returned():
+    m = tiny_model()
+    free = generate_batch(m, [[1, 2]], SamplingParams(max_new_tokens=20, temperature=0))[0].token_ids
+    stop_at = free[5]
+    first = free.index(stop_at)
+    out = generate_batch(m, [[1, 2]], SamplingParams(max_new_tokens=20, temperature=0), eot=stop_at)[0]
+    assert out.token_ids == free[:first] and out.finish_reason == "stop"
+    out = generate_batch(m, [[1, 2]], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == free[:first]
+    out = generate_batch(m, [[1, 2]], SamplingParams(max_new_tokens=20, temperature=0, ignore_eot=True),
+                         eot=stop_at)[0]
+    assert out.token_ids == free
+
+
+def test_stop_string_spanning_tokens_ends_generation_and_is_not_returned():
+    m, tok = tiny_model(), char_tok()
+    prompt = tok.encode("Hi")
+    free = generate_batch(m, [prompt], SamplingParams(max_new_tokens=30, temperature=0.8, seed=3), tok)[0].text
+    stop = free[10:13]  # three characters = three tokens
+    out = generate_batch(m, [prompt], SamplingParams(max_new_tokens=30, temperature=0.8, seed=3, stop=[stop]), tok)[0]
+    assert out.text == free[: free.index(stop)]
+    assert out.finish_reason == "stop"
+    # streamed pieces add up to the same text; nothing of the stop string leaks out
+    gen = Generation(m, [prompt], SamplingParams(max_new_tokens=30, temperature=0.8, seed=3, stop=[stop]), tok)
+    assert "".join(e.text for e in gen) == out.text
+
+
+def test_text_stream_holds_back_possible_stop_prefixes():
+    s = TextStream(stops=["END", "xyz"])
+    pieces = [s.push(b) for b in [b"ab", b"cE", b"N", b"x", b"E", b"ND", b"tail"]]
+    assert "".join(pieces) == "abcENx"
+    assert s.stopped and pieces[-1] == ""
+    s = TextStream(stops=["END"])
+    assert s.push(b"aE") == "a" and s.push(b"N") == "" and s.finish() == "EN"
+
+
+def test_streaming_never_splits_a_utf8_character(gpt2_vocab_path):
+    tok = load_bpe_vocab(gpt2_vocab_path)
+    text = "naïve café 😀 日本語 🇫🇷 ok"
+    ids = tok.encode(text)
+    pieces_per_token = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in pieces_per_token)  # the test needs characters split across tokens
+    s = TextStream()
+    pieces = [s.push(tok.token_bytes(i)) for i in ids] + [s.finish()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_engine_streams_whole_characters_from_a_bpe_model(gpt2_vocab_path):
+    tok = load_bpe_vocab(gpt2_vocab_path)
+    m = tiny_model(vocab_size=50257, block_size=64, std=0.02)
+    # bias the logits towards byte tokens that only form characters together (the 😀 bytes)
+    target = tok.encode("😀😀😀")
+    with torch.no_grad():
+        m.transformer.wte.weight[target] += 1.0
+    gen = Generation(m, [tok.encode("Hello")], SamplingParams(max_new_tokens=40, temperature=1.0, seed=0), tok)
+    events = list(gen)
+    toks = [e.token for e in events if e.token is not None and e.token != tok.eot]
+    full = tok.decode_bytes(toks).decode("utf-8", errors="replace")
+    assert "".join(e.text for e in events) == full
+    assert any("\ufffd" in tok.decode([t]) for t in toks)  # some tokens were partial characters
+
+
+def test_cancel_removes_a_row_and_the_others_go_on():
+    m = tiny_model()
+    sp = SamplingParams(max_new_tokens=10, temperature=0)
+    gen = Generation(m, [[1, 2], [3, 4], [5, 6]], sp)
+    gen.step()
+    gen.cancel(1)
+    events = list(gen)
+    assert any(e.index == 1 and e.finished and e.finish_reason == "stop" for e in events)
+    assert all(not (e.index == 1 and e.token is not None) for e in events)
+    done = gen.completions()
+    assert len(done[1].token_ids) == 1
+    assert done[0].token_ids == generate_batch(m, [[1, 2]], sp)[0].token_ids
+    assert done[2].token_ids == generate_batch(m, [[5, 6]], sp)[0].token_ids
+
+
+def test_long_prompt_is_an_error_or_truncated_with_a_warning():
+    with pytest.raises(GptkitError, match="context is 16"):
+        prepare_prompt(list(range(20)), 16)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ids = prepare_prompt(list(range(20)), 16, truncate=True)
+    assert ids == list(range(5, 20)) and "keeping its last 15 tokens" in str(w[0].message)
+
+
+def test_invalid_sampling_params_name_the_field():
+    for bad, field in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                       (dict(max_new_tokens=-2), "max_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty")]:
+        with pytest.raises(GptkitError) as e:
+            SamplingParams(**bad).validate()
+        assert e.value.where == field
+
+
+def test_weight_only_bf16_and_int8_stay_close_to_fp32():
+    from gptkit.quantize import quantize_for_inference
+
+    m = tiny_model(std=0.02)
+    x = torch.randint(0, 96, (2, 12))
+    ref = m(x)
+    for dt, tol in [("bfloat16", 0.02), ("int8", 0.05)]:
+        q = quantize_for_inference(m, dt)
+        err = (q(x) - ref).abs().max() / ref.abs().max()
+        assert err < tol, (dt, float(err))
+    assert m.lm_head.weight.dtype == torch.float32  # the original is untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def _run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_cli_sample_streams_seeded_samples_and_rejects_long_prompts(tmp_path, gpt2_vocab_path):
+    from gptkit.formats.hf import save_hf
+
+    m = tiny_model(vocab_size=50257, block_size=32, std=0.02)
+    save_hf(m, tmp_path / "m")
+    args = ["sample", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "8", "--seed", "5",
+            "--num-samples", "2", "--top-k", "20", "--vocab", str(gpt2_vocab_path)]
+    a = _run_cli(*args, cwd=tmp_path)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout.count("--- sample") == 2 and a.stdout.count("Hello") == 2
+    # the same text as the library produces for seeds 5 and 6
+    from gptkit.sample import sample_text
+
+    texts = sample_text(m, load_bpe_vocab(gpt2_vocab_path), "Hello", 8, top_k=20, seed=5, num_samples=2)
+    assert a.stdout == "".join(f"--- sample {i + 1} ---\nHello{t}\n" for i, t in enumerate(texts))
+    long = _run_cli("sample", "--model", str(tmp_path / "m"), "--prompt", "word " * 40, "--vocab",
+                    str(gpt2_vocab_path), cwd=tmp_path)
+    assert long.returncode == 2 and "Traceback" not in long.stderr
+    assert long.stderr.startswith("error: prompt has 41 tokens, the model's context is 32 (--prompt)")
