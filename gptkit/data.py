@@ -149,10 +149,7 @@ class TokenLoader:
         self.sizes, self.usable = sizes, usable
         self.cum_usable = np.cumsum(usable)
         if vocab_size is not None:
-            for f, s in zip(self.files, self.shards):
-                if len(s) and int(s.max()) >= vocab_size:
-                    raise GptkitError(f"shard holds token id {int(s.max())} >= the model's vocab_size {vocab_size}",
-                                      f, "prepare the data with the model's tokenizer")
+            check_vocab(data_dir, self.files, self.shards, vocab_size)
         self.step = 0  # batches served (random mode)
         self.shard_idx, self.pos = 0, 0  # where the next window starts (sequential mode)
 
@@ -160,10 +157,23 @@ class TokenLoader:
         return int(self.sizes.sum())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "seed": self.seed, "step": self.step, "shard": self.shard_idx, "pos": self.pos}
+        """JSON-safe position. Every rank's state is the same (ranks advance in lockstep), so one
+        rank's state resumes them all."""
+        return {"mode": self.mode, "seed": self.seed, "step": self.step, "shard": self.shard_idx, "pos": self.pos,
+                "files": [f.name for f in self.files], "tokens": int(self.sizes.sum())}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        self.step, self.shard_idx, self.pos = int(st["step"]), int(st["shard"]), int(st["pos"])
+        if st.get("mode", self.mode) != self.mode:
+            raise GptkitError(f"saved loader state is for {st['mode']} batches, this loader serves {self.mode}",
+                              "loader", "resume with the same loader mode")
+        if "tokens" in st and (st["tokens"] != int(self.sizes.sum()) or st.get("files") != [f.name for f in self.files]):
+            raise GptkitError(f"the data changed since the checkpoint ({st['tokens']:,} tokens in {len(st['files'])} "
+                              f"files then, {int(self.sizes.sum()):,} in {len(self.files)} now)", self.files[0].parent,
+                              "resume with the data the run was started on")
+        shard, pos = int(st["shard"]), int(st["pos"])
+        if not 0 <= shard < len(self.shards):
+            raise GptkitError(f"saved loader state points at shard {shard}, the split has {len(self.shards)}", "loader")
+        self.step, self.shard_idx, self.pos = int(st["step"]), shard, pos
 
     def _window(self, shard: int, start: int) -> np.ndarray:
         return np.asarray(self.shards[shard][start:start + self.T + 1], dtype=np.int64)
@@ -197,28 +207,64 @@ class TokenLoader:
         return x.to(device), y.to(device)
 
 
+def check_vocab(data_dir, files, shards, vocab_size: int) -> None:
+    """Fail if the data holds ids >= vocab_size. meta.json's vocab_size answers without reading the
+    shards; only data without one is scanned."""
+    meta = read_meta(data_dir)
+    if "vocab_size" in meta:
+        if int(meta["vocab_size"]) > vocab_size:
+            raise GptkitError(f"the data's vocabulary has {meta['vocab_size']} tokens, the model's {vocab_size}",
+                              Path(data_dir) / "meta.json", "prepare the data with the model's tokenizer")
+        return
+    for f, s in zip(files, shards):
+        if len(s) and int(s.max()) >= vocab_size:
+            raise GptkitError(f"shard holds token id {int(s.max())} >= the model's vocab_size {vocab_size}",
+                              f, "prepare the data with the model's tokenizer")
+
+
+class SplitTokens:
+    """Every shard of a split as one read-only sequence: len() and contiguous slices."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.files = split_files(data_dir, split)
+        self.shards = [read_shard(f) for f in self.files]
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        lo, hi, _ = sl.indices(len(self))
+        parts = []
+        i = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        while lo < hi:
+            s0 = int(self.starts[i])
+            take = self.shards[i][lo - s0:min(hi, int(self.starts[i + 1])) - s0]
+            parts.append(np.asarray(take, dtype=np.int64))
+            lo += len(take)
+            i += 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def eval_windows(data_dir: str | Path, split: str, block_size: int, batch_size: int):
-    """Yield (x, y) batches covering a whole split once: every token but each shard's first is
-    predicted exactly once, in windows of block_size; a short last window has y = -1 padding."""
-    for f in split_files(data_dir, split):
-        toks = read_shard(f)
-        n = len(toks)
-        starts = list(range(0, max(n - 1, 0), block_size))
-        for i in range(0, len(starts), batch_size):
-            chunk = starts[i:i + batch_size]
-            x = torch.zeros(len(chunk), block_size, dtype=torch.long)
-            y = torch.full((len(chunk), block_size), -1, dtype=torch.long)
-            for r, s in enumerate(chunk):
-                w = torch.from_numpy(np.asarray(toks[s:s + block_size + 1], dtype=np.int64))
-                x[r, : len(w) - 1] = w[:-1]
-                y[r, : len(w) - 1] = w[1:]
-            yield x, y
+    """Yield (x, y) batches, each (B, T), covering a whole split once as one token stream (its
+    shards in order): every token but the first is predicted exactly once, in consecutive
+    non-overlapping windows of block_size; a short last window is padded with y = -1 (ignored)."""
+    toks = SplitTokens(data_dir, split)
+    starts = range(0, max(len(toks) - 1, 0), block_size)
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        x = torch.zeros(len(chunk), block_size, dtype=torch.long)
+        y = torch.full((len(chunk), block_size), -1, dtype=torch.long)
+        for r, s in enumerate(chunk):
+            w = torch.from_numpy(toks[s:s + block_size + 1])
+            x[r, : len(w) - 1] = w[:-1]
+            y[r, : len(w) - 1] = w[1:]
+        yield x, y
 
 
 def count_eval_batches(data_dir: str | Path, split: str, block_size: int, batch_size: int) -> int:
-    total = 0
-    for f in split_files(data_dir, split):
-        n = read_header(f)
-        windows = len(range(0, max(n - 1, 0), block_size))
-        total += (windows + batch_size - 1) // batch_size
-    return total
+    """How many batches eval_windows yields (for a progress bar), from the headers alone."""
+    n = sum(read_header(f) for f in split_files(data_dir, split))
+    windows = len(range(0, max(n - 1, 0), block_size))
+    return (windows + batch_size - 1) // batch_size

@@ -1,0 +1,214 @@
+"""Token shards (llm.c layout) and the loader: format round trip and checks, determinism,
+resume equality, rank slices, whole-split eval windows."""
+
+import numpy as np
+import pytest
+import torch
+
+from gptkit.data import (ShardWriter, SplitTokens, TokenLoader, count_eval_batches, eval_windows, read_header,
+                         read_shard, split_files, write_shard)
+from gptkit.errors import GptkitError
+
+
+def llmc_bytes(tokens) -> bytes:
+    """llm.c's shard layout written by hand from INTERFACES.md, independent of gptkit.data."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+def make_split(d, split, sizes, seed=0, vocab=50257):
+    """Shards of random tokens; returns the whole split's tokens."""
+    rng = np.random.default_rng(seed)
+    all_toks = []
+    for i, n in enumerate(sizes):
+        t = rng.integers(0, vocab, n)
+        name = f"{split}.bin" if len(sizes) == 1 else f"{split}_{i:06d}.bin"
+        (d / name).write_bytes(llmc_bytes(t))
+        all_toks.append(t)
+    return np.concatenate(all_toks)
+
+
+def test_shard_roundtrip_matches_llmc_layout(tmp_path):
+    toks = np.array([0, 1, 50256, 65535, 7], dtype=np.int64)
+    write_shard(tmp_path / "a.bin", toks)
+    assert (tmp_path / "a.bin").read_bytes() == llmc_bytes(toks)
+    assert read_header(tmp_path / "a.bin") == 5
+    assert read_shard(tmp_path / "a.bin").tolist() == toks.tolist()
+    w = ShardWriter(tmp_path / "b.bin")  # piecewise writer: same bytes
+    w.write(toks[:2])
+    w.write(toks[2:])
+    w.close()
+    assert (tmp_path / "b.bin").read_bytes() == llmc_bytes(toks)
+    write_shard(tmp_path / "e.bin", [])
+    assert len(read_shard(tmp_path / "e.bin")) == 0 and (tmp_path / "e.bin").stat().st_size == 1024
+
+
+def test_shard_refuses_ids_beyond_uint16(tmp_path):
+    for bad in ([65536], [-1]):
+        with pytest.raises(GptkitError, match="uint16"):
+            write_shard(tmp_path / "x.bin", bad)
+        assert not list(tmp_path.glob("x.bin*"))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[:1000], "truncated"),
+    (lambda b: b[:-2], "size mismatch"),
+    (lambda b: (1).to_bytes(4, "little") + b[4:], "bad magic"),
+    (lambda b: b[:4] + (7).to_bytes(4, "little") + b[8:], "version"),
+], ids=["short-header", "truncated-tokens", "magic", "version"])
+def test_damaged_shards_are_user_errors(tmp_path, damage, message):
+    p = tmp_path / "train.bin"
+    p.write_bytes(damage(llmc_bytes(range(100))))
+    with pytest.raises(GptkitError, match=message) as e:
+        read_shard(p)
+    assert str(p) in e.value.line()
+
+
+def test_split_files_orders_numbered_shards(tmp_path):
+    make_split(tmp_path, "train", [10, 10, 10])
+    (tmp_path / "train_1.bin").write_bytes(llmc_bytes([1]))  # not a shard name: ignored
+    assert [f.name for f in split_files(tmp_path, "train")] == [f"train_{i:06d}.bin" for i in range(3)]
+    with pytest.raises(GptkitError, match="no val shards"):
+        split_files(tmp_path, "val")
+    with pytest.raises(GptkitError, match="not found"):
+        split_files(tmp_path / "nope", "train")
+
+
+def _is_window(row_x, row_y, shards) -> bool:
+    """(x, y) is tokens[s:s+T], tokens[s+1:s+T+1] of one shard."""
+    w = np.concatenate([row_x[:1], row_y])
+    for sh in shards:
+        if len(sh) < len(w):
+            continue
+        view = np.lib.stride_tricks.sliding_window_view(sh, len(w))
+        if (view == w).all(axis=1).any():
+            return True
+    return False
+
+
+def test_random_batches_are_seeded_windows_and_resume_exactly(tmp_path):
+    make_split(tmp_path, "train", [300, 50, 7, 400])  # the 7-token shard is too short for T=8
+    shards = [np.asarray(read_shard(f), dtype=np.int64) for f in split_files(tmp_path, "train")]
+    a = TokenLoader(tmp_path, "train", 4, 8, seed=3)
+    batches = [a.next_batch() for _ in range(12)]
+    for x, y in batches:
+        assert x.shape == y.shape == (4, 8) and x.dtype == torch.long
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert all(_is_window(x[r].numpy(), y[r].numpy(), shards) for r in range(4))
+    # same seed -> same batches; another seed or rank -> other batches
+    b = TokenLoader(tmp_path, "train", 4, 8, seed=3)
+    assert all(torch.equal(b.next_batch()[0], x) for x, _ in batches)
+    assert not torch.equal(TokenLoader(tmp_path, "train", 4, 8, seed=4).next_batch()[0], batches[0][0])
+    assert not torch.equal(TokenLoader(tmp_path, "train", 4, 8, seed=3, rank=1, world_size=2).next_batch()[0],
+                           batches[0][0])
+    # resume: a fresh loader given the state after 5 batches serves batches 5..11
+    c = TokenLoader(tmp_path, "train", 4, 8, seed=3)
+    for _ in range(5):
+        c.next_batch()
+    st = c.state_dict()
+    d = TokenLoader(tmp_path, "train", 4, 8, seed=3)
+    d.load_state_dict(st)
+    for x, y in batches[5:]:
+        x2, y2 = d.next_batch()
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    # every shard long enough is sampled, in proportion to its windows
+    e = TokenLoader(tmp_path, "train", 64, 8, seed=0)
+    hits = np.zeros(4)
+    for _ in range(20):
+        x, y = e.next_batch()
+        for r in range(64):
+            for k, sh in enumerate(shards):
+                if _is_window(x[r].numpy(), y[r].numpy(), [sh]):
+                    hits[k] += 1
+                    break
+    assert hits[2] == 0 and (hits[[0, 1, 3]] > 0).all()
+
+
+def test_sequential_batches_walk_the_split_and_resume(tmp_path):
+    toks = make_split(tmp_path, "train", [100, 5, 61])  # 5 < T+1: skipped
+    shards = [np.asarray(read_shard(f), dtype=np.int64) for f in split_files(tmp_path, "train")]
+    T = 8
+    # the expected order: consecutive T-strided windows of each usable shard, wrapping around
+    windows = [sh[s:s + T + 1] for sh in shards for s in range(0, len(sh) - T, T)]
+    ld = TokenLoader(tmp_path, "train", 3, T, mode="sequential")
+    got = []
+    for _ in range(len(windows)):  # three passes' worth of rows
+        x, y = ld.next_batch()
+        got += [np.concatenate([x[r, :1].numpy(), y[r].numpy()]) for r in range(3)]
+    for i, w in enumerate(got):
+        assert np.array_equal(w, windows[i % len(windows)]), i
+    # resume mid-epoch gives the same next batches
+    a = TokenLoader(tmp_path, "train", 3, T, mode="sequential")
+    for _ in range(4):
+        a.next_batch()
+    b = TokenLoader(tmp_path, "train", 3, T, mode="sequential")
+    b.load_state_dict(a.state_dict())
+    for _ in range(6):
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert len(toks) == 166
+
+
+def test_sequential_ranks_take_disjoint_slices_covering_the_split(tmp_path):
+    make_split(tmp_path, "train", [1000])
+    T, B, world = 8, 2, 3
+    starts = {}
+    for r in range(world):
+        ld = TokenLoader(tmp_path, "train", B, T, mode="sequential", rank=r, world_size=world)
+        rows = []
+        for _ in range(5):
+            x, _ = ld.next_batch()
+            rows += [tuple(row.tolist()) for row in x]
+        starts[r] = rows
+    all_rows = [row for r in range(world) for row in starts[r]]
+    assert len(set(all_rows)) == len(all_rows) == world * B * 5  # disjoint
+    single = TokenLoader(tmp_path, "train", world * B * 5, T, mode="sequential").next_batch()[0]
+    assert set(all_rows) == {tuple(row.tolist()) for row in single}  # together: the first windows in order
+    # rank r's i-th row is window i*world + r
+    for r in range(world):
+        assert [all_rows.index(row) for row in starts[r]] == [r * B * 5 + i for i in range(B * 5)]
+        assert starts[r] == [tuple(single[i * world + r].tolist()) for i in range(B * 5)]
+
+
+def test_loader_state_refuses_other_mode_or_changed_data(tmp_path):
+    make_split(tmp_path, "train", [100])
+    st = TokenLoader(tmp_path, "train", 2, 8).state_dict()
+    with pytest.raises(GptkitError, match="random"):
+        TokenLoader(tmp_path, "train", 2, 8, mode="sequential").load_state_dict(st)
+    make_split(tmp_path, "train", [120])
+    with pytest.raises(GptkitError, match="data changed"):
+        TokenLoader(tmp_path, "train", 2, 8).load_state_dict(st)
+
+
+def test_loader_errors(tmp_path):
+    make_split(tmp_path, "train", [5, 6])
+    with pytest.raises(GptkitError, match="fewer than block_size"):
+        TokenLoader(tmp_path, "train", 2, 8)
+    d = tmp_path / "v"
+    d.mkdir()
+    make_split(d, "train", [100], vocab=1000)
+    with pytest.raises(GptkitError, match="vocab_size 65"):
+        TokenLoader(d, "train", 2, 8, vocab_size=65)
+    (d / "meta.json").write_text('{"vocab_size": 50257}')
+    with pytest.raises(GptkitError, match="vocabulary has 50257"):
+        TokenLoader(d, "train", 2, 8, vocab_size=65)
+
+
+def test_eval_windows_predict_every_token_once_across_shards(tmp_path):
+    toks = make_split(tmp_path, "val", [37, 20, 50])
+    assert len(SplitTokens(tmp_path, "val")) == 107
+    assert SplitTokens(tmp_path, "val")[30:60].tolist() == toks[30:60].tolist()
+    for T, B in ((8, 3), (16, 1), (106, 2), (200, 4)):
+        xs, ys = [], []
+        batches = list(eval_windows(tmp_path, "val", T, B))
+        assert len(batches) == count_eval_batches(tmp_path, "val", T, B)
+        for x, y in batches:
+            assert x.shape == y.shape and x.shape[1] == T and x.shape[0] <= B
+            xs.append(x.reshape(-1))
+            ys.append(y.reshape(-1))
+        x, y = torch.cat(xs), torch.cat(ys)
+        keep = y != -1
+        assert y[keep].tolist() == toks[1:].tolist()  # every target once, in order
+        assert x[keep].tolist() == toks[:-1].tolist()  # each with its own previous token as input
