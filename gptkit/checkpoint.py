@@ -110,7 +110,9 @@ def optimizer_from_flat(tensors: dict, meta: dict, names: dict[int, str]) -> dic
             raise GptkitError(f"optimizer state names unknown parameter {pname!r}", OPTIM_FILE,
                               "the checkpoint does not belong to this model")
         state.setdefault(by_name[pname], {})[slot] = val
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (betas) into lists
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -254,7 +254,13 @@ class Trainer:
             if dist.is_main:
                 ckpt_lib.clean_partial(run_dir)  # a crash mid-save leaves a hidden temporary directory
             resume_ckpt = ckpt_lib.find_checkpoint(run_dir)
-            if resume_ckpt is None:
+            if resume_ckpt is None and (run_dir / "config.toml").is_file():
+                self.log(f"--resume: {run_dir} has no checkpoint yet (stopped early); starting it from step 0")
+                if dist.is_main:
+                    from gptkit.loggers import truncate_metrics
+
+                    truncate_metrics(run_dir / "metrics.jsonl", 0)
+            elif resume_ckpt is None:
                 raise GptkitError("--resume: no checkpoint in the run directory", run_dir,
                                   "start a new run without --resume, or point --out at an existing run")
         elif run_dir.exists() and (ckpt_lib.list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists()):
