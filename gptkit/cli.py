@@ -197,3 +197,30 @@ def _validate(p):
 
         return 0 if validate(a.model, a.debug_state, a.steps).ok else 1
     return run
+
+
+@command("serve", "serve a model over an OpenAI-compatible HTTP API (/v1/completions), batching requests")
+def _serve(p):
+    p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument("--model-name", help="the model's id in the API (default: the model path's base name)")
+    p.add_argument("--max-batch", type=int, default=32, help="completions generated at once (default 32)")
+    p.add_argument("--queue-size", type=int, default=256, help="requests that may wait; more get 503 (default 256)")
+    p.add_argument("--max-cohorts", type=int, default=4, help="batches run side by side (default 4)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="gather requests arriving this close together into one batch (default 2)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
+    p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="weight precision for inference")
+
+    def run(a):
+        from gptkit.serve import ServeConfig, serve
+
+        cfg = ServeConfig(max_batch=a.max_batch, queue_size=a.queue_size, max_cohorts=a.max_cohorts,
+                          batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit)
+        serve(a.model, a.host, a.port, a.api_key, a.model_name, cfg, a.vocab, a.device, a.dtype)
+    return run

@@ -1,0 +1,222 @@
+"""`python -m gptkit.loadtest`: many concurrent clients against `gptkit serve`.
+
+Prints requests/s, p50/p99 latency, the batch sizes the server ran (from its `GET /stats`), and the
+server's RSS before and after the load. With `--model PATH` it starts `gptkit serve` on a free
+loopback port in a subprocess and stops it at the end; with `--url` it uses a running server.
+
+Each client sends its requests one after another (half of the clients stream by default); all
+clients start together. A warm-up round (one request per client) comes first, so "RSS before" is
+the server's memory once its buffers and thread pools exist, and "after" shows whether serving the
+load leaked. The clients use only the standard library, so the figures do not depend on a client
+library's overhead.
+"""
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+
+def _request(url: str, body: dict, api_key: str | None, timeout: float) -> tuple[bool, str]:
+    """Send one completion request; (ok, what went wrong). A stream must end with [DONE]."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers=headers,
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            if body.get("stream"):
+                done = False
+                for line in r:
+                    line = line.strip()
+                    if line == b"data: [DONE]":
+                        done = True
+                    elif line.startswith(b"data: "):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            return False, f"error event: {chunk['error'].get('message')}"
+                return (True, "") if done else (False, "stream ended without [DONE]")
+            d = json.loads(r.read())
+            if len(d.get("choices", [])) != body.get("n", 1):
+                return False, "wrong number of choices"
+            return True, ""
+    except urllib.error.HTTPError as e:
+        return False, f"HTTP {e.code}"
+    except Exception as e:  # connection reset, timeout, bad JSON: all count as errors
+        return False, f"{type(e).__name__}: {e}"
+
+
+def _get_json(url: str, path: str, api_key: str | None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile of a non-empty list."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def run_load(url: str, clients: int = 50, requests: int = 5, max_tokens: int = 16, api_key: str | None = None,
+             stream: str = "half", timeout: float = 300.0, warmup: bool = True) -> dict:
+    """Run the load against a server at `url`; return the figures as a dict."""
+    def body(c: int, r: int) -> dict:
+        streamed = stream == "all" or (stream == "half" and c % 2 == 1)
+        return {"prompt": f"Client {c} asks question {r}:", "max_tokens": max_tokens, "temperature": 1.0,
+                "stream": streamed}
+
+    def round_of(n_requests: int) -> tuple[list[float], list[str], float]:
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        start = threading.Barrier(clients)
+
+        def client(c: int) -> None:
+            start.wait()
+            for r in range(n_requests):
+                t0 = time.perf_counter()
+                ok, why = _request(url, body(c, r), api_key, timeout)
+                dt = time.perf_counter() - t0
+                with lock:
+                    (latencies.append(dt) if ok else errors.append(why))
+
+        threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout * n_requests)
+        return latencies, errors, time.perf_counter() - t0
+
+    rss_start = _get_json(url, "/stats", api_key).get("rss_bytes")
+    if warmup:
+        round_of(1)
+    before = _get_json(url, "/stats", api_key)
+    lat, errors, wall = round_of(requests)
+    after = _get_json(url, "/stats", api_key)
+    sizes = Counter({int(k): v for k, v in after["batch_sizes"].items()})
+    sizes.subtract({int(k): v for k, v in before["batch_sizes"].items()})
+    sizes = {k: v for k, v in sorted(sizes.items()) if v > 0}
+    passes = sum(sizes.values())
+    return {
+        "clients": clients, "requests_per_client": requests, "max_tokens": max_tokens, "stream": stream,
+        "answered": len(lat), "errors": len(errors), "error_kinds": dict(Counter(errors)),
+        "wall_s": wall, "requests_per_s": len(lat) / wall if wall > 0 else 0.0,
+        "p50_latency_s": _percentile(lat, 50) if lat else None, "p99_latency_s": _percentile(lat, 99) if lat else None,
+        "batch_sizes": sizes, "mean_batch": sum(k * v for k, v in sizes.items()) / passes if passes else 0.0,
+        "max_batch_seen": max(sizes, default=0),
+        "rss_start_bytes": rss_start, "rss_before_bytes": before.get("rss_bytes"),
+        "rss_after_bytes": after.get("rss_bytes"),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`gptkit serve` in a subprocess on a free loopback port: `with ServerProcess(model) as url: ...`."""
+
+    def __init__(self, model: str, api_key: str | None = None, extra_args: list[str] | None = None,
+                 start_timeout: float = 180.0):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "gptkit", "serve", "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), *(extra_args or [])]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gptkit serve exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("gptkit serve did not answer /health in time")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def format_report(r: dict) -> str:
+    mb = lambda b: "?" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    lines = [
+        f"{r['clients']} clients x {r['requests_per_client']} requests, max_tokens {r['max_tokens']}, "
+        f"stream {r['stream']}",
+        f"answered {r['answered']}, errors {r['errors']}" + (f" {r['error_kinds']}" if r["errors"] else ""),
+        f"requests/s {r['requests_per_s']:.2f} (wall {r['wall_s']:.2f} s)",
+        f"latency p50 {r['p50_latency_s']:.3f} s, p99 {r['p99_latency_s']:.3f} s" if r["answered"] else "latency -",
+        f"batch sizes seen (rows per forward pass: count) {r['batch_sizes']}; mean {r['mean_batch']:.1f}, "
+        f"max {r['max_batch_seen']}",
+        f"server RSS: at start {mb(r['rss_start_bytes'])}, before load (after warm-up) {mb(r['rss_before_bytes'])}, "
+        f"after load {mb(r['rss_after_bytes'])}",
+    ]
+    if r["rss_before_bytes"] and r["rss_after_bytes"]:
+        lines[-1] += f" ({100 * (r['rss_after_bytes'] / r['rss_before_bytes'] - 1):+.1f}%)"
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptkit.loadtest", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="start `gptkit serve --model MODEL` on a free loopback port")
+    src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--requests", type=int, default=5, help="requests per client, sent one after another")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--stream", choices=["none", "half", "all"], default="half")
+    p.add_argument("--server-args", default="", help="extra `gptkit serve` options, e.g. '--max-batch 64'")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    a = p.parse_args(argv)
+    if a.clients < 1 or a.requests < 1:
+        p.error("--clients and --requests must be >= 1")
+
+    def go(url: str) -> dict:
+        return run_load(url, a.clients, a.requests, a.max_tokens, a.api_key, a.stream)
+
+    if a.model:
+        with ServerProcess(a.model, a.api_key, a.server_args.split()) as srv:
+            r = go(srv.url)
+    else:
+        r = go(a.url.rstrip("/"))
+    print(json.dumps(r) if a.json else format_report(r))
+    return 0 if r["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

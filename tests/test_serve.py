@@ -1,0 +1,306 @@
+"""`gptkit serve` through the official `openai` client, on 127.0.0.1 with a tiny random GPT-2-vocab model.
+
+The references are independent of the server: greedy text from a full-recompute loop over the model
+(no KV cache, no batching), and the client library's own parsing of the JSON and SSE it receives."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import data_file
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+NAME = "tiny-gpt"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(checkpoint directory, model, tokenizer): a random 2-layer, 32-wide GPT-2 with the 50257-token vocab."""
+    data_file("gpt2.tiktoken")
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.config import GPTConfig
+    from gptkit.model import GPT
+    from gptkit.serve import load_for_serving
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("serve") / "run", 0, GPT(cfg), {"model_config": cfg.to_dict()})
+    model, tok, _ = load_for_serving(str(ckpt), device="cpu")
+    return ckpt, model, tok
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    from gptkit.serve import Server, ServeConfig
+
+    _, model, tok = tiny
+    with Server(model, tok, NAME, api_key=KEY, config=ServeConfig(max_batch=16, batch_wait_s=0.01)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def http(server, method, path, body=None, key=KEY):
+    """(status, parsed JSON) of a raw request, for what the openai client cannot send."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def greedy_reference(model, tok, prompt: str, n: int) -> str:
+    """n greedy tokens by recomputing the whole sequence each step."""
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return tok.decode(ids[len(tok.encode(prompt)):])
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_health_and_models_list_the_model_name(server, client):
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+        assert r.status == 200
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_completion_returns_openai_fields_and_greedy_text(tiny, client):
+    _, model, tok = tiny
+    r = client.completions.create(model=NAME, prompt="The quick brown fox", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.model == NAME and r.id and r.created > 0
+    assert len(r.choices) == 1
+    c = r.choices[0]
+    assert c.index == 0 and c.finish_reason == "length" and c.logprobs is None
+    assert c.text == greedy_reference(model, tok, "The quick brown fox", 6)
+    assert r.usage.prompt_tokens == len(tok.encode("The quick brown fox"))
+    assert r.usage.completion_tokens == 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+
+def test_streaming_sends_the_same_text_in_pieces_then_done(tiny, server, client):
+    _, model, tok = tiny
+    prompt = "Once upon a time"
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert len(chunks) >= 2
+    assert all(ch.object == "text_completion" and ch.model == NAME for ch in chunks)
+    assert len({ch.id for ch in chunks}) == 1
+    assert "".join(ch.choices[0].text for ch in chunks) == greedy_reference(model, tok, prompt, 8)
+    assert [ch.choices[0].finish_reason for ch in chunks][-1] == "length"
+    assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
+    # the raw stream ends with the [DONE] sentinel
+    req = urllib.request.Request(server.url + "/v1/completions", method="POST",
+                                 data=json.dumps({"prompt": prompt, "max_tokens": 2, "stream": True}).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.read().decode().split("\n") if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_n_and_a_list_of_prompts_give_prompt_major_choices(tiny, client):
+    _, model, tok = tiny
+    prompts = ["Hello", "A long time ago in"]
+    r = client.completions.create(model=NAME, prompt=prompts, max_tokens=4, temperature=0, n=3)
+    assert [c.index for c in r.choices] == list(range(6))
+    for i, p in enumerate(prompts):
+        ref = greedy_reference(model, tok, p, 4)
+        assert [c.text for c in r.choices[3 * i: 3 * i + 3]] == [ref] * 3
+    assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == 24
+    # sampled choices of one request differ from each other (near-uniform logits over 50257 tokens)
+    r = client.completions.create(model=NAME, prompt="Hello", max_tokens=8, n=3, seed=5)
+    assert len({c.text for c in r.choices}) == 3
+
+
+def test_stop_string_ends_the_text_before_it(client):
+    full = client.completions.create(model=NAME, prompt="In the beginning", max_tokens=12, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert len(stop) == 3
+    r = client.completions.create(model=NAME, prompt="In the beginning", max_tokens=12, temperature=0,
+                                  stop=[stop, "\x00never"])
+    assert r.choices[0].text == text[: text.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=NAME, prompt="In the beginning", max_tokens=12, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text[: text.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_reproducible(client):
+    kw = dict(model=NAME, prompt="Seeds", max_tokens=10, temperature=1.0, top_p=0.9, n=2)
+    a = client.completions.create(seed=1234, **kw)
+    b = client.completions.create(seed=1234, **kw)
+    c = client.completions.create(seed=4321, **kw)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices]
+    assert [x.text for x in a.choices] != [x.text for x in c.choices]
+    s = list(client.completions.create(seed=1234, stream=True, **kw))
+    for i in range(2):
+        assert "".join(ch.choices[0].text for ch in s if ch.choices[0].index == i) == a.choices[i].text
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(max_tokens=-1), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(n=0), "n"),
+    (dict(prompt=" hello" * 100), "prompt"),
+    (dict(model="no-such-model"), "model"),
+])
+def test_invalid_parameters_answer_400_with_openai_error_json(client, kw, param):
+    args = dict(model=NAME, prompt="hi", max_tokens=2)
+    args.update(kw)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**args)
+    assert e.value.status_code == 400
+    err = e.value.body  # the client's parse of {"error": {...}}
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_and_unknown_route_answer_error_json(server):
+    status, body = http(server, "POST", "/v1/completions", b'{"prompt": "hi", ')
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = http(server, "POST", "/v1/completions", b'["not", "an", "object"]')
+    assert status == 400 and body["error"]["message"]
+    status, body = http(server, "GET", "/v1/no-such-route")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_missing_or_wrong_key_answers_401(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.completions.create(model=NAME, prompt="hi", max_tokens=1)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    status, body = http(server, "POST", "/v1/completions", {"prompt": "hi"}, key=None)
+    assert status == 401 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_requests_arriving_together_run_in_one_batch(server, client):
+    sched = server.scheduler
+    before = dict(sched.batch_sizes)
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(client.completions.create(model=NAME, prompt=f"request {i}", max_tokens=4).choices[0])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    sched.paused.clear()  # hold admission until all six are queued, so the test does not race
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: len(sched.waiting) == 6)
+    finally:
+        sched.paused.set()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 6
+    new = {b: n - before.get(b, 0) for b, n in sched.batch_sizes.items() if n > before.get(b, 0)}
+    assert max(new) == 6  # all six in one forward pass
+
+
+def test_full_queue_answers_503(tiny):
+    from gptkit.serve import Server, ServeConfig
+
+    _, model, tok = tiny
+    with Server(model, tok, NAME, config=ServeConfig(queue_size=2)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        s.scheduler.paused.clear()
+        done = []
+        threads = [threading.Thread(target=lambda: done.append(c.completions.create(model=NAME, prompt="x",
+                                                                                    max_tokens=1)))
+                   for _ in range(2)]
+        try:
+            for t in threads:
+                t.start()
+            assert wait_for(lambda: len(s.scheduler.waiting) == 2)
+            with pytest.raises(openai.InternalServerError) as e:
+                c.completions.create(model=NAME, prompt="x", max_tokens=1)
+            assert e.value.status_code == 503 and e.value.body["code"] == "overloaded"
+        finally:
+            s.scheduler.paused.set()
+        for t in threads:
+            t.join(60)
+        assert len(done) == 2  # the queued ones are still answered
+
+
+def test_a_dropped_stream_frees_its_row(server, client):
+    sched = server.scheduler
+    assert wait_for(lambda: sched.stats()["running_rows"] == 0)
+    stream = client.completions.create(model=NAME, prompt="forever", max_tokens=4000, stream=True)
+    it = iter(stream)
+    next(it), next(it)
+    assert sched.stats()["running_rows"] == 1
+    stream.close()  # the client goes away mid-stream
+    assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.cohorts)
+    # a non-streaming request whose client hangs up is dropped too
+    body = json.dumps({"prompt": "forever", "max_tokens": 4000}).encode()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert wait_for(lambda: sched.stats()["running_rows"] == 1)
+    assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.cohorts)
+    # and the server still answers
+    assert client.completions.create(model=NAME, prompt="still there?", max_tokens=2).choices[0].finish_reason
+
+
+def test_serve_cli_reports_bad_options_in_one_line(capsys, tiny):
+    from gptkit.cli import main
+
+    assert main(["serve", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "/no/such/model" in err[0]
+    assert main(["serve", "--model", str(tiny[0]), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--max-batch" in err
+
+
+@pytest.mark.slow
+def test_load_50_clients_x_5_requests_all_answered_and_memory_flat(tiny):
+    """The issue's load test: the server in its own process, so its RSS is its own."""
+    from gptkit.loadtest import ServerProcess, format_report, run_load
+
+    with ServerProcess(tiny[0], api_key=KEY) as srv:
+        r = run_load(srv.url, clients=50, requests=5, max_tokens=16, api_key=KEY)
+    print(format_report(r))
+    assert r["answered"] == 250 and r["errors"] == 0, r["error_kinds"]
+    assert r["max_batch_seen"] > 1
+    assert r["rss_after_bytes"] <= 1.10 * r["rss_before_bytes"]
