@@ -127,6 +127,9 @@ class TrainConfig:
     final_eval: bool = True  # loss over the whole val split at the end
     sample_interval: int = 0  # 0 = only at the end
     sample_tokens: int = 200
+    sample_temperature: float = 0.8
+    sample_top_k: int = 200  # 0 = off
+    sample_top_p: float = 1.0
     ckpt_interval: int = 0  # 0 = only at the end
     keep_last: int = 3  # checkpoints kept (0 = all)
     log_interval: int = 10
@@ -161,6 +164,9 @@ class TrainConfig:
                 raise GptkitError(f"{name} must be a non-negative integer, got {v!r}", name)
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise GptkitError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}", "lr")
+        if self.sample_temperature < 0 or self.sample_top_k < 0 or not 0 < self.sample_top_p <= 1:
+            raise GptkitError("need sample_temperature >= 0, sample_top_k >= 0 and 0 < sample_top_p <= 1",
+                              "sample_temperature")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise GptkitError("weight_decay and grad_clip must be >= 0", "weight_decay")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):

@@ -28,7 +28,8 @@ from gptkit.optim import lr_at, make_adamw
 from gptkit.runtime import (Dist, autocast, measure_peak_flops, pick_dtype, setup_cuda_matmul, setup_distributed,
                             setup_threads, synchronize)
 
-PROCESS_START = time.time()  # wall time is counted from the process start, evals included
+PROCESS_START = time.time()
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # `--config NAME.toml` finds these by name  # wall time is counted from the process start, evals included
 
 # model keys that a `key=value` may set; block_size/dropout/attention are TrainConfig fields
 MODEL_ONLY_KEYS = {k: f for k, f in MODEL_KEYS.items() if k not in TRAIN_KEYS}
@@ -42,8 +43,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     else:  # pragma: no cover
         import tomli as tomllib
     p = Path(path)
-    if not p.is_file():
-        raise GptkitError("config file not found", p, "give an existing .toml file")
+    if not p.is_file():  # a bare name: one of the configs shipped with gptkit
+        bundled = BUNDLED_CONFIGS / p.name
+        bundled = bundled if bundled.suffix == ".toml" else bundled.with_name(bundled.name + ".toml")
+        if p.parent != Path(".") or not bundled.is_file():
+            shipped = ", ".join(sorted(q.name for q in BUNDLED_CONFIGS.glob("*.toml")))
+            raise GptkitError("config file not found", p, f"give an existing .toml file or a shipped one: {shipped}")
+        p = bundled
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -464,8 +470,9 @@ class Trainer:
         from gptkit.sample import sample_text
 
         was_training = model.training
-        text = sample_text(model, tokenizer, "", self.cfg.sample_tokens, temperature=0.8, top_k=200,
-                           seed=self.cfg.seed, device=self.device)[0]
+        c = self.cfg
+        text = sample_text(model, tokenizer, "", c.sample_tokens, temperature=c.sample_temperature,
+                           top_k=c.sample_top_k or None, top_p=c.sample_top_p, seed=c.seed, device=self.device)[0]
         model.train(was_training)
         return text
 

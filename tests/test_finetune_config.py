@@ -1,4 +1,4 @@
-"""configs/finetune-shakespeare.toml: llm.c's headline fine-tune, run end to end on a stand-in.
+"""finetune-shakespeare.toml: llm.c's headline fine-tune, run end to end on a stand-in.
 
 OpenAI's weights cannot be downloaded here, so --init points at a tiny random GPT-2 with GPT-2's
 vocabulary that transformers saved; everything else comes from the config file."""
@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, make_hf_model
 from gptkit.train import resolve_config
 
-CONFIG = ROOT / "configs" / "finetune-shakespeare.toml"
+CONFIG = ROOT / "gptkit" / "configs" / "finetune-shakespeare.toml"
 
 
 def test_config_holds_llmc_finetune_settings():
@@ -21,6 +21,12 @@ def test_config_holds_llmc_finetune_settings():
     assert (cfg.init, cfg.dataset, cfg.batch_size, cfg.block_size, cfg.max_steps) == ("gpt2", "shakespeare", 4, 64, 40)
     assert (cfg.lr, cfg.min_lr, cfg.eval_interval) == (1e-4, 1e-4, 10)
     assert model_overrides == {}
+    assert (cfg.sample_temperature, cfg.sample_top_k, cfg.sample_top_p) == (0.8, 50, 0.95)
+
+
+def test_shipped_config_is_found_by_bare_name():
+    assert resolve_config("finetune-shakespeare.toml") == resolve_config(CONFIG)
+    assert resolve_config("finetune-shakespeare") == resolve_config(CONFIG)
 
 
 def run_config(tmp_path, *overrides):

@@ -71,8 +71,9 @@ def config_to_hf(config: GPTConfig) -> dict:
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        # GPT-2's <|endoftext|>; other vocabularies have no such token
+        "bos_token_id": 50256 if config.vocab_size > 50256 else None,
+        "eos_token_id": 50256 if config.vocab_size > 50256 else None,
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }
