@@ -13,6 +13,9 @@ The algorithm is FlashAttention-2's (Dao, 2023), written with PyTorch ops over t
 - backward: recomputes each tile's probabilities from L (P = exp(S - L)) and accumulates
   dQ, dK, dV tile by tile, using D = rowsum(dO * O) for the softmax gradient.
 
+With square tiles (block_q == block_k, the default) and no dropout, all tiles on one block
+diagonal run as one batched op (see "The diagonal path" below): same tiles, far fewer ops.
+
 Matmuls run in the input dtype (bf16 under autocast on CPU hits AMX); softmax statistics and
 accumulators are fp32 (fp64 for fp64 inputs, so gradcheck is exact).
 
@@ -108,7 +111,8 @@ def _pad_tiles(key_mask, Tk, block_k):
     return out
 
 
-def _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
+def _forward_tiles(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
+    """The general path: one tile at a time."""
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
     acc = _acc_dtype(q.dtype)
@@ -155,7 +159,7 @@ def _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout_p, seed):
+def _backward_tiles(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout_p, seed):
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
     acc = _acc_dtype(q.dtype)
@@ -195,6 +199,148 @@ def _backward(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout
         dk[:, :, j0:j1] = dk_j
         dv[:, :, j0:j1] = dv_j
     return (dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The diagonal path. With square tiles (block_q == block_k == b) and queries that end where the
+# keys end (training, prefill and decoding all have q_offset + Tq == Tk), the tiles on one block
+# diagonal (query block t, key block t - d) are independent, so one batched op handles all of
+# them: nK op groups instead of ~nK^2/2 tiles. The arithmetic is the same tiles in the same
+# order; only the Python loop and the thread pool's per-op overhead shrink (which matters a lot
+# on a small, shared CPU). Queries are laid out on absolute blocks: `lead` dummy rows in front
+# align query q_offset with its block, dummy rows at the end fill the last one; keys are padded
+# to whole blocks. Dummy rows see only real or zero keys, and their results are cut away.
+
+
+def _diag_layout(q_offset, Tq, Tk, b):
+    nK = (Tk + b - 1) // b  # key blocks
+    qb0 = q_offset // b  # absolute block of the first query
+    lead = q_offset - qb0 * b
+    nQ = nK - qb0  # query blocks
+    return nK, qb0, lead, nQ
+
+
+def _blocks(x, front, total_rows, b):
+    """(B, nh, T, hs) -> (B, nh, total_rows // b, b, hs), zero rows added in front and at the end."""
+    B, nh, T, hs = x.shape
+    x = torch.nn.functional.pad(x, (0, 0, front, total_rows - front - T))
+    return x.view(B, nh, total_rows // b, b, hs)
+
+
+def _diag_hidden(d, k0, n, tri, pad_blocks):
+    """Hidden entries of diagonal d's tiles, broadcastable to (B, nh, n, b, b), or None."""
+    hidden = tri if d == 0 else None  # only the main diagonal straddles the causal boundary
+    if pad_blocks is not None:
+        hp = pad_blocks[:, :, k0:k0 + n]  # (B, 1, n, 1, b)
+        hidden = hp if hidden is None else hidden | hp
+    return hidden
+
+
+def _diag_setup(q, k, q_offset, key_mask, b):
+    Tq, Tk = q.shape[2], k.shape[2]
+    nK, qb0, lead, nQ = _diag_layout(q_offset, Tq, Tk, b)
+    tri = torch.ones(b, b, dtype=torch.bool, device=q.device).triu_(1)  # key after query
+    pad_blocks = None
+    if key_mask is not None:
+        km = torch.zeros(key_mask.shape[0], nK * b, dtype=torch.bool, device=q.device)
+        km[:, :Tk] = key_mask[:, :Tk]
+        pad_blocks = (~km).view(-1, 1, nK, 1, b)
+    return nK, qb0, lead, nQ, tri, pad_blocks
+
+
+def _forward_diag(q, k, v, q_offset, key_mask, b):
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    nK, qb0, lead, nQ, tri, pad_blocks = _diag_setup(q, k, q_offset, key_mask, b)
+    qs = _blocks(q * (1.0 / math.sqrt(hs)), lead, nQ * b, b)  # (B, nh, nQ, b, hs), pre-scaled
+    kb, vb = _blocks(k, 0, nK * b, b), _blocks(v, 0, nK * b, b)  # (B, nh, nK, b, hs)
+    may_be_empty = key_mask is not None
+    m = torch.empty(B, nh, nQ, b, dtype=acc, device=q.device)
+    l = torch.empty_like(m)
+    o_acc = torch.empty(B, nh, nQ, b, hs, dtype=acc, device=q.device)
+    for d in range(nK):  # d = 0 is the main diagonal; every query block sees it first
+        t0 = max(0, d - qb0)  # first query block that has a key block d blocks back
+        n, k0 = nQ - t0, qb0 + t0 - d
+        hidden = _diag_hidden(d, k0, n, tri, pad_blocks)
+        s = torch.matmul(qs[:, :, t0:], kb[:, :, k0:k0 + n].transpose(-2, -1)).to(acc)  # (B, nh, n, b, b)
+        if hidden is not None:
+            s.masked_fill_(hidden, _NEG_INF)
+        m_tile = s.amax(-1)  # (B, nh, n, b)
+        m_new = m_tile if d == 0 else torch.maximum(m[:, :, t0:], m_tile)
+        m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0) if may_be_empty else m_new
+        p = _exp_(s.sub_(m_safe[..., None]), hidden)
+        pv = torch.matmul(p.to(v.dtype), vb[:, :, k0:k0 + n]).to(acc)  # (B, nh, n, b, hs)
+        if d == 0:
+            l.copy_(p.sum(-1))
+            o_acc.copy_(pv)
+        else:
+            alpha = (m[:, :, t0:] - m_safe).exp_()
+            l[:, :, t0:].mul_(alpha).add_(p.sum(-1))
+            o_acc[:, :, t0:].mul_(alpha[..., None]).add_(pv)
+        m[:, :, t0:] = m_new
+    l = l.view(B, nh, nQ * b)[:, :, lead:lead + Tq]
+    m = m.view(B, nh, nQ * b)[:, :, lead:lead + Tq]
+    o_acc = o_acc.view(B, nh, nQ * b, hs)[:, :, lead:lead + Tq]
+    if may_be_empty:  # rows with no visible key: output 0, L = -inf
+        empty = l == 0
+        o = (o_acc / l.masked_fill(empty, 1.0)[..., None]).to(q.dtype)
+        lse = (m.masked_fill(m == _NEG_INF, 0.0) + l.log()).masked_fill(empty, _NEG_INF)
+    else:
+        o = (o_acc / l[..., None]).to(q.dtype)
+        lse = l.log() + m
+    return o.contiguous(), lse.contiguous()
+
+
+def _backward_diag(do, q, k, v, o, lse, q_offset, key_mask, b):
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(hs)
+    nK, qb0, lead, nQ, tri, pad_blocks = _diag_setup(q, k, q_offset, key_mask, b)
+    qs = _blocks(q * scale, lead, nQ * b, b)  # (B, nh, nQ, b, hs)
+    dob = _blocks(do, lead, nQ * b, b)
+    kb, vb = _blocks(k, 0, nK * b, b), _blocks(v, 0, nK * b, b)  # (B, nh, nK, b, hs)
+    # dummy query rows get L = 0 and D = 0 with dO = 0, so they contribute nothing
+    D = (do.to(acc) * o.to(acc)).sum(-1, keepdim=True)  # (B, nh, Tq, 1): rowsum(dO * O)
+    D = _blocks(D, lead, nQ * b, b).squeeze(-1)  # (B, nh, nQ, b)
+    lse = _blocks(lse.masked_fill(lse == _NEG_INF, 0.0)[..., None], lead, nQ * b, b).squeeze(-1)
+    dq = torch.zeros(B, nh, nQ, b, hs, dtype=acc, device=q.device)
+    dk = torch.zeros(B, nh, nK, b, hs, dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    for d in range(nK):
+        t0 = max(0, d - qb0)
+        n, k0 = nQ - t0, qb0 + t0 - d
+        hidden = _diag_hidden(d, k0, n, tri, pad_blocks)
+        qi, doi = qs[:, :, t0:], dob[:, :, t0:]  # (B, nh, n, b, hs)
+        kj, vj = kb[:, :, k0:k0 + n], vb[:, :, k0:k0 + n]
+        s = torch.matmul(qi, kj.transpose(-2, -1)).to(acc)  # (B, nh, n, b, b)
+        p = _exp_(s.sub_(lse[:, :, t0:, :, None]), hidden)  # probabilities, recomputed
+        dp = torch.matmul(doi, vj.transpose(-2, -1)).to(acc)
+        dv[:, :, k0:k0 + n].add_(torch.matmul(p.to(do.dtype).transpose(-2, -1), doi).to(acc))
+        ds = dp.sub_(D[:, :, t0:, :, None]).mul_(p).to(q.dtype)  # dS = P * (dP - D)
+        dq[:, :, t0:].add_(torch.matmul(ds, kj).to(acc))
+        dk[:, :, k0:k0 + n].add_(torch.matmul(ds.transpose(-2, -1), qi).to(acc))
+    dq = dq.view(B, nh, nQ * b, hs)[:, :, lead:lead + Tq] * scale
+    dk = dk.view(B, nh, nK * b, hs)[:, :, :Tk]
+    dv = dv.view(B, nh, nK * b, hs)[:, :, :Tk]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _use_diag(q, k, q_offset, block_q, block_k, dropout_p) -> bool:
+    return block_q == block_k and dropout_p == 0.0 and q_offset + q.shape[2] == k.shape[2]
+
+
+def _forward(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed):
+    if _use_diag(q, k, q_offset, block_q, block_k, dropout_p):
+        return _forward_diag(q, k, v, q_offset, key_mask, block_q)
+    return _forward_tiles(q, k, v, q_offset, key_mask, block_q, block_k, dropout_p, seed)
+
+
+def _backward(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout_p, seed):
+    if _use_diag(q, k, q_offset, block_q, block_k, dropout_p):
+        return _backward_diag(do, q, k, v, o, lse, q_offset, key_mask, block_q)
+    return _backward_tiles(do, q, k, v, o, lse, q_offset, key_mask, block_q, block_k, dropout_p, seed)
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -74,7 +74,7 @@ def check_against_math(fn, case, atol=1e-5, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("blocks", [(8, 16), (16, 8), (7, 5), (64, 64)])
+@pytest.mark.parametrize("blocks", [(8, 16), (16, 8), (7, 5), (8, 8), (5, 5), (64, 64)])
 def test_flash_forward_and_grads_match_math(case, blocks):
     bq, bk = blocks
     check_against_math(lambda q, k, v, off, km: flash_attention(q, k, v, q_offset=off, key_mask=km,
@@ -92,11 +92,13 @@ def test_flash_hidden_rows_are_zero_not_nan():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("blocks", [(2, 3), (2, 2)], ids=["tiles", "diagonals"])
 @pytest.mark.parametrize("case", [(1, 2, 6, 6, 4, 0, 0), (2, 1, 3, 7, 4, 4, 2)], ids=["causal", "offset_pad"])
-def test_flash_gradcheck_float64(case):
+def test_flash_gradcheck_float64(case, blocks):
     B, nh, Tq, Tk, hs, q_offset, n_pad = case
     q, k, v, km = make_inputs(B, nh, Tq, Tk, hs, n_pad, dtype=torch.float64)
-    fn = lambda q, k, v: flash_attention(q, k, v, q_offset=q_offset, key_mask=km, block_q=2, block_k=3)  # noqa: E731
+    fn = lambda q, k, v: flash_attention(q, k, v, q_offset=q_offset, key_mask=km, block_q=blocks[0],  # noqa: E731
+                                         block_k=blocks[1])
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
 
 
@@ -196,6 +198,33 @@ def test_gpt_with_backend_matches_math(backend):
     ref_grads = dict(ref_model.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_decoding_with_backend_matches_math(backend):
+    """Prefill a left-padded batch, then decode one token at a time: q_offset and key_mask in use."""
+    from gptkit.model import KVCache
+
+    cfg = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=32, attention="math",
+                    block_q=4, block_k=4)
+    torch.manual_seed(0)
+    ref_model = GPT(cfg).eval()
+    model = GPT(cfg.replace(attention=backend)).eval()
+    model.load_state_dict(ref_model.state_dict())
+    idx = torch.randint(0, 61, (2, 12))
+    key_mask = torch.ones(2, 12, dtype=torch.bool)
+    key_mask[0, :3] = False  # row 0: three padding tokens on the left
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    outs = []
+    for m in (ref_model, model):
+        cache = KVCache(cfg, batch_size=2, max_len=12)
+        with torch.no_grad():
+            logits = [m(idx[:, :7], cache=cache, positions=positions[:, :7], key_mask=key_mask[:, :7])[:, -1]]
+            for t in range(7, 12):
+                logits.append(m(idx[:, t:t + 1], cache=cache, positions=positions[:, t:t + 1],
+                                key_mask=key_mask[:, :t + 1])[:, -1])
+        outs.append(torch.stack(logits, 1))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
 
 def test_unknown_backend_is_rejected():
