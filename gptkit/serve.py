@@ -702,7 +702,7 @@ class Server:
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, config: ServeConfig | None = None, vocab: str | None = None,
-          device: str = "auto", dtype: str = "float32") -> None:
+          device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
     """`gptkit serve`: load the model and serve it until interrupted."""
     try:
         import fastapi  # noqa: F401
@@ -717,6 +717,11 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise GptkitError(f"must be in 0..65535, got {port}", "--port")
     if api_key is not None and not api_key.strip():
         raise GptkitError("the API key is empty", "--api-key", "give a non-empty key or leave the option out")
+    if threads < 0:
+        raise GptkitError(f"must be >= 0, got {threads}", "--threads", "0 keeps PyTorch's default")
+    from gptkit.runtime import setup_threads
+
+    setup_threads(threads)
     model, tok, default_name = load_for_serving(model_path, vocab, device, dtype)
     name = model_name or default_name
     scheduler = Scheduler(model, tok, config).start()

@@ -126,6 +126,28 @@ def test_streaming_sends_the_same_text_in_pieces_then_done(tiny, server, client)
         events = [line for line in r.read().decode().split("\n") if line]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
+    # stream_options.include_usage adds a last chunk with the usage and no choices
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.prompt_tokens == len(tok.encode(prompt))
+
+
+def test_zero_max_tokens_and_empty_prompt(tiny, client):
+    r = client.completions.create(model=NAME, prompt="Nothing", max_tokens=0)
+    assert r.choices[0].text == "" and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 0
+    _, model, tok = tiny
+    r = client.completions.create(model=NAME, prompt="", max_tokens=3, temperature=0)  # starts at <|endoftext|>
+    ids, reason = [tok.eot], "length"
+    with torch.no_grad():
+        for _ in range(3):
+            t = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if t == tok.eot:  # <|endoftext|> ends the text and is not part of it
+                reason = "stop"
+                break
+            ids.append(t)
+    assert r.choices[0].text == tok.decode(ids[1:]) and r.choices[0].finish_reason == reason
+    assert r.usage.prompt_tokens == 1
 
 
 def test_n_and_a_list_of_prompts_give_prompt_major_choices(tiny, client):
@@ -280,6 +302,28 @@ def test_a_dropped_stream_frees_its_row(server, client):
     assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.cohorts)
     # and the server still answers
     assert client.completions.create(model=NAME, prompt="still there?", max_tokens=2).choices[0].finish_reason
+
+
+def test_char_model_prompt_outside_its_vocabulary_is_a_400():
+    from gptkit.serve import APIError, ServeConfig, parse_completion_request, _SafeTokenizer
+    from gptkit.tokenizer import CharTokenizer
+
+    tok = _SafeTokenizer(CharTokenizer("abc \n"))
+    req = parse_completion_request({"prompt": "abc", "n": 2, "seed": 3}, tok, 16, "m", ServeConfig())
+    assert req.prompts == [[0, 1, 2]] and [p.seed for p in req.params] == [3, 4]
+    with pytest.raises(APIError) as e:
+        parse_completion_request({"prompt": "xyz"}, tok, 16, "m", ServeConfig())
+    assert e.value.status == 400 and e.value.param == "prompt" and "'x'" in e.value.message
+
+
+def test_serve_cli_starts_a_server_named_after_the_model(tiny):
+    from gptkit.loadtest import ServerProcess
+
+    with ServerProcess(tiny[0], api_key=KEY, extra_args=["--threads", "1"]) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == [tiny[0].name]  # the path's base name
+        assert c.completions.create(model=tiny[0].name, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert srv.proc.returncode is not None
 
 
 def test_serve_cli_reports_bad_options_in_one_line(capsys, tiny):
