@@ -225,3 +225,15 @@ def _serve(p):
                           batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit)
         serve(a.model, a.host, a.port, a.api_key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
     return run
+
+
+@command("plot", "draw a run's loss curves (train/val vs steps and tokens, LR) as a PNG")
+def _plot(p):
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    p.add_argument("--out", help="PNG file to write (default: RUN_DIR/loss.png)")
+
+    def run(a):
+        from gptkit.plot import plot_run
+
+        print(f"wrote {plot_run(a.run_dir, a.out)}")
+    return run

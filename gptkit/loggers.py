@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ class WandbSink:
             raise GptkitError("the wandb logger needs the wandb package", "loggers",
                               "pip install 'gptkit[wandb]' or drop wandb from loggers") from None
         id_file = Path(run_dir) / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.wandb = wandb
         self.run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
