@@ -237,3 +237,20 @@ def _plot(p):
 
         print(f"wrote {plot_run(a.run_dir, a.out)}")
     return run
+
+
+@command("bench", "benchmarks: training steps (train) and generation (generate)")
+def _bench(p):
+    from gptkit.bench import TARGETS
+
+    sub = p.add_subparsers(dest="target", metavar="<target>", parser_class=_Parser)
+    for name, (add_arguments, run, help) in TARGETS.items():
+        sp = sub.add_parser(name, help=help, description=help)
+        add_arguments(sp)
+        sp.set_defaults(_bench_run=run)
+
+    def run(a):
+        if not getattr(a, "_bench_run", None):
+            raise GptkitError("missing benchmark target", "bench", f"use one of: {', '.join(TARGETS)}")
+        return a._bench_run(a)
+    return run

@@ -112,6 +112,7 @@ class TrainConfig:
     grad_accum: int = 1
     # optimisation
     max_steps: int = 2000
+    max_time: float = 0.0  # wall-clock budget in s from the process start, final eval included (0 = off)
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 100
@@ -137,6 +138,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
+    optim_dtype: str = "float32"  # AdamW moments: float32 | bfloat16 (half the optimizer memory)
     threads: int = 0  # 0 = PyTorch's default
     seed: int = 1337
     dropout: float = 0.0
@@ -171,6 +173,10 @@ class TrainConfig:
             raise GptkitError("weight_decay and grad_clip must be >= 0", "weight_decay")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise GptkitError(f"unknown dtype {self.dtype!r}", "dtype", "use auto, float32, bfloat16 or float16")
+        if self.optim_dtype not in ("float32", "bfloat16", "fp32", "bf16"):
+            raise GptkitError(f"unknown optim_dtype {self.optim_dtype!r}", "optim_dtype", "use float32 or bfloat16")
+        if not self.max_time >= 0:
+            raise GptkitError(f"max_time must be >= 0 seconds, got {self.max_time!r}", "max_time")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             raise GptkitError(f"unknown device {self.device!r}", "device", "use auto, cpu, cuda[:N] or mps")
         if self.attention not in ATTENTION_BACKENDS:

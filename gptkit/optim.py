@@ -2,6 +2,12 @@
 
 Weight decay applies to parameters with >= 2 dimensions (matmul weights and embeddings) and not to
 biases or LayerNorm gains, as in nanoGPT and llm.c.
+
+`make_adamw(..., state_dtype=torch.bfloat16)` keeps AdamW's two moments in bf16 (half the
+optimizer memory); the update itself is computed in fp32 and the parameters stay fp32.
+For a wall-clock budget, `lr_at(..., time_ratio=...)` runs the cosine over whichever budget is
+further spent, the steps or the time, so a run that is not short of time gets exactly the
+step schedule.
 """
 
 from __future__ import annotations
@@ -30,11 +36,56 @@ def param_names(model: torch.nn.Module, groups: list[dict]) -> dict[int, str]:
     return out
 
 
+class LowPrecisionAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) whose moments `exp_avg` and
+    `exp_avg_sq` are stored in `state_dtype`; each update is computed in fp32. The state's names
+    match torch.optim.AdamW's, so checkpoints read the same way."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 state_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                st["step"] += 1
+                t = float(st["step"])
+                grad = p.grad.float()
+                m = st["exp_avg"].float().lerp_(grad, 1 - b1)
+                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                st["exp_avg"].copy_(m)
+                st["exp_avg_sq"].copy_(v)
+                denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+                p32 = p.float()
+                if wd:
+                    p32.mul_(1 - lr * wd)
+                p32.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                p.copy_(p32)
+        return loss
+
+
 def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
-               device_type: str = "cpu", fused: bool | None = None):
-    """AdamW over GPT-2's groups: fused where PyTorch has it for the device, else foreach.
-    Returns (optimizer, index -> parameter name)."""
+               device_type: str = "cpu", fused: bool | None = None, state_dtype: torch.dtype = torch.float32):
+    """AdamW over GPT-2's groups: fused where PyTorch has it for the device, else foreach; with a
+    `state_dtype` other than fp32, LowPrecisionAdamW. Returns (optimizer, index -> parameter name)."""
     groups = param_groups(model, weight_decay)
+    if state_dtype != torch.float32:
+        opt = LowPrecisionAdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype)
+        return opt, param_names(model, opt.param_groups)
     if fused is None:
         fused = device_type in ("cuda", "cpu", "mps")
     kw = dict(lr=lr, betas=betas, eps=eps)
@@ -45,12 +96,16 @@ def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.
     return opt, param_names(model, opt.param_groups)
 
 
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int,
+          time_ratio: float = 0.0) -> float:
     """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine to `min_lr` at
-    `decay_steps`, then flat at min_lr. `step` counts from 0."""
+    `decay_steps`, then flat at min_lr. `step` counts from 0. `time_ratio` in [0, 1] is the
+    fraction of a time budget spent since the warmup ended; the cosine follows it where it is
+    ahead of the steps."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    if step >= decay_steps:
+    if step >= decay_steps or time_ratio >= 1.0:
         return min_lr
-    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    ratio = max((step - warmup_steps) / max(1, decay_steps - warmup_steps), time_ratio)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+

@@ -7,6 +7,7 @@ field (gptkit/config.py), so the CLI, TOML files and the Python API share one vo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -25,7 +26,7 @@ from gptkit.data import TokenLoader, count_eval_batches, eval_windows, read_meta
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.optim import lr_at, make_adamw
-from gptkit.runtime import (Dist, autocast, measure_peak_flops, pick_dtype, setup_cuda_matmul, setup_distributed,
+from gptkit.runtime import (DTYPES, Dist, autocast, measure_peak_flops, pick_dtype, setup_cuda_matmul, setup_distributed,
                             setup_threads, synchronize)
 
 PROCESS_START = time.time()
@@ -293,7 +294,10 @@ class Trainer:
         val_loader = TokenLoader(data_dir, "val", cfg.batch_size, cfg.block_size, seed=cfg.seed + 1,
                                  vocab_size=mcfg.vocab_size)
         optimizer, names = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
-                                      self.device.type, **({"fused": False} if self.fsdp else {}))
+                                      self.device.type, state_dtype=DTYPES[cfg.optim_dtype],
+                                      **({"fused": False} if self.fsdp else {}))
+        # fp16 needs loss scaling (CUDA); bf16 and fp32 do not
+        scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         step = 0
         if resume_ckpt is not None:
             state = ckpt_lib.read_state(resume_ckpt)
@@ -337,6 +341,7 @@ class Trainer:
         say = self._say
         bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main)
         t_start = time.time()
+        budget = _TimeBudget(cfg.max_time, PROCESS_START, sum(len(s) for s in val_loader.shards))
         tokens_seen = step * tokens_per_step
         last_log_t, last_log_step = time.time(), step
         train_loss = None
@@ -345,7 +350,12 @@ class Trainer:
         everyone = dist.is_main or self.fsdp
         try:
             while step < cfg.max_steps:
-                lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, decay_steps)
+                if budget.enabled:
+                    budget.tick(step, cfg.warmup_steps, tokens_per_step)
+                    if budget.out_of_time():
+                        self.log(f"time budget of {cfg.max_time:g} s reached at step {step}")
+                        break
+                lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, decay_steps, budget.ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 train_model.train()
@@ -356,17 +366,23 @@ class Trainer:
                     with sync_ctx:
                         with autocast(self.device, self.dtype):
                             _, loss = train_model(x, y)
-                        (loss / self.micro_steps).backward()
+                        scaled = loss / self.micro_steps
+                        (scaler.scale(scaled) if scaler else scaled).backward()
                     loss_sum += loss.detach()
                 loss_avg = loss_sum / self.micro_steps
                 if dist.enabled:
                     import torch.distributed as tdist
 
                     tdist.all_reduce(loss_avg, op=tdist.ReduceOp.AVG)
+                if scaler:
+                    scaler.unscale_(optimizer)
                 # the norm is taken even without clipping: a non-finite gradient must not reach AdamW
                 gnorm = parallel.local_scalar(torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-                if not (torch.isfinite(loss_avg) and torch.isfinite(gnorm)):
+                if scaler:  # the scaler skips steps with inf/NaN gradients and lowers its scale
+                    scaler.step(optimizer)
+                    scaler.update()
+                elif not (torch.isfinite(loss_avg) and torch.isfinite(gnorm)):
                     skipped += 1
                     say(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(loss_avg) else 'gradient'}, "
                         f"step skipped ({skipped} so far)")
@@ -400,13 +416,16 @@ class Trainer:
                         rec["skipped_steps"] = skipped
                     eval_now = cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps
                     if eval_now:
-                        rec["val_loss"] = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
+                        with budget.timing_eval(cfg.eval_batches * cfg.batch_size * cfg.block_size):
+                            rec["val_loss"] = estimate_loss(model, val_loader, cfg.eval_batches, self.device,
+                                                            self.dtype)
                         say(f"step {step}: train {train_loss:.4f}, val {rec['val_loss']:.4f}")
                     if metrics:
                         metrics.log(rec)
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 elif cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps:
-                    v = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
+                    with budget.timing_eval(cfg.eval_batches * cfg.batch_size * cfg.block_size):
+                        v = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
                     if metrics:
                         metrics.log({"step": step, "tokens": tokens_seen,
                                      "elapsed_s": round(time.time() - t_start, 3), "val_loss": v})
@@ -449,6 +468,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _compile(self, model: GPT):
         try:
+            import torch._dynamo
+
+            # a graph that fails to compile (no C++ compiler, unsupported op) runs eagerly instead
+            torch._dynamo.config.suppress_errors = True
             return torch.compile(model)
         except Exception as e:  # unsupported platform: fall back to eager
             self.log(f"warning: torch.compile unavailable ({type(e).__name__}: {e}); running eagerly")
@@ -501,6 +524,56 @@ class Trainer:
         if rng_ranks:
             state["rng_ranks"] = rng_ranks
         ckpt_lib.save_checkpoint(run_dir, step, tensors, state, opt_state, names, keep_last=self.cfg.keep_last)
+
+
+class _TimeBudget:
+    """The wall-clock budget of `max_time`: when to stop, and how far the LR schedule has got.
+
+    Training stops early enough for the final full-split eval (and the checkpoint and sample) to
+    finish by `max_time` seconds after the process started. The eval's cost is extrapolated from
+    the periodic evals, or from the training speed before the first one.
+    """
+
+    def __init__(self, max_time: float, process_start: float, val_tokens: int):
+        self.enabled = max_time > 0
+        self.end = process_start + max_time
+        self.val_tokens = val_tokens
+        self.ratio = 0.0  # fraction of the budget spent since the warmup ended
+        self.t_warm = None  # time at which the warmup ended
+        self.t0 = time.time()
+        self.step0 = None
+        self.train_s_per_tok = None
+        self.eval_s_per_tok = None
+        self.eval_total_s = 0.0
+
+    def reserve(self) -> float:
+        """Seconds kept for the final eval, checkpoint and sample."""
+        per_tok = self.eval_s_per_tok or (self.train_s_per_tok or 0.0) / 2.0
+        return 1.2 * per_tok * self.val_tokens + 0.5
+
+    def tick(self, step: int, warmup_steps: int, tokens_per_step: int) -> None:
+        now = time.time()
+        if self.step0 is None:
+            self.step0, self.t0 = step, now
+        elif step > self.step0:
+            self.train_s_per_tok = (now - self.t0 - self.eval_total_s) / ((step - self.step0) * tokens_per_step)
+        if step < warmup_steps:
+            return
+        if self.t_warm is None:
+            self.t_warm = now
+        deadline = self.end - self.reserve()
+        self.ratio = min(1.0, max(0.0, (now - self.t_warm) / max(deadline - self.t_warm, 1e-9)))
+
+    def out_of_time(self) -> bool:
+        return time.time() >= self.end - self.reserve()
+
+    @contextlib.contextmanager
+    def timing_eval(self, tokens: int):
+        t = time.time()
+        yield
+        dt = time.time() - t
+        self.eval_total_s += dt
+        self.eval_s_per_tok = dt / max(tokens, 1)
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
