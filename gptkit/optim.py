@@ -67,8 +67,8 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 grad = p.grad.float()
                 m = st["exp_avg"].float().lerp_(grad, 1 - b1)
                 v = st["exp_avg_sq"].float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                st["exp_avg"].copy_(m)
-                st["exp_avg_sq"].copy_(v)
+                _store(st["exp_avg"], m)
+                _store(st["exp_avg_sq"], v)
                 denom = (v / (1 - b2**t)).sqrt_().add_(eps)
                 p32 = p.float()
                 if wd:
@@ -76,6 +76,17 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 p32.addcdiv_(m, denom, value=-lr / (1 - b1**t))
                 p.copy_(p32)
         return loss
+
+
+def _store(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src (fp32), rounding stochastically when dst is bf16: plain rounding would drop the
+    small per-step changes of the moments (a factor 0.999 is below bf16's resolution)."""
+    if dst.dtype != torch.bfloat16:
+        dst.copy_(src)
+        return
+    bits = src.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # truncating to bf16 is now exact
 
 
 def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
