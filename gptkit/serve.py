@@ -65,6 +65,9 @@ class ServeConfig:
             raise GptkitError(f"must be >= 0, got {self.batch_wait_s!r}", "--batch-wait-ms")
 
 
+MAX_BODY = 4 << 20  # bytes of JSON a request may send
+
+
 class APIError(Exception):
     """An error answered as OpenAI's error JSON."""
 
@@ -526,9 +529,13 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
-        raw = await request.body()
+        raw = bytearray()
+        async for part in request.stream():  # read at most MAX_BODY bytes, whatever Content-Length says
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise APIError(400, f"the request body is larger than {MAX_BODY} bytes", None, "body_too_large")
         try:
-            body = json.loads(raw)
+            body = json.loads(bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         req = parse_completion_request(body, tokenizer, block_size, model_name, config)

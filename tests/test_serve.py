@@ -217,6 +217,8 @@ def test_malformed_json_and_unknown_route_answer_error_json(server):
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
     status, body = http(server, "POST", "/v1/completions", b'["not", "an", "object"]')
     assert status == 400 and body["error"]["message"]
+    status, body = http(server, "POST", "/v1/completions", b'{"prompt": "' + b"a" * ((4 << 20) + 65536) + b'"}')
+    assert status == 400 and body["error"]["code"] == "body_too_large"
     status, body = http(server, "GET", "/v1/no-such-route")
     assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
 
@@ -283,13 +285,16 @@ def test_full_queue_answers_503(tiny):
         assert len(done) == 2  # the queued ones are still answered
 
 
-def test_a_dropped_stream_frees_its_row(server, client):
+def test_a_stalled_stream_does_not_block_others_and_a_dropped_one_frees_its_row(server, client):
     sched = server.scheduler
     assert wait_for(lambda: sched.stats()["running_rows"] == 0)
     stream = client.completions.create(model=NAME, prompt="forever", max_tokens=4000, stream=True)
     it = iter(stream)
     next(it), next(it)
     assert sched.stats()["running_rows"] == 1
+    # while this client reads nothing, another request is served alongside it
+    r = client.completions.create(model=NAME, prompt="meanwhile", max_tokens=3)
+    assert r.usage.completion_tokens == 3 and sched.stats()["running_rows"] == 1
     stream.close()  # the client goes away mid-stream
     assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.cohorts)
     # a non-streaming request whose client hangs up is dropped too
