@@ -115,8 +115,8 @@ def test_flash_dropout_equals_math_with_the_same_mask():
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    fn = lambda q, k, v: flash_attention(q, k, v, dropout_p=p, block_q=4, block_k=5, dropout_seed=seed)  # noqa: E731
+    q64, k64, v64, _ = make_inputs(1, 1, 7, 7, 4, 0, dtype=torch.float64)
+    fn = lambda q, k, v: flash_attention(q, k, v, dropout_p=p, block_q=3, block_k=4, dropout_seed=seed)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q64, k64, v64), eps=1e-6, atol=1e-5)
 
 
@@ -248,11 +248,11 @@ def test_flash_and_sdpa_peak_at_most_half_of_math_memory():
         assert rows[backend]["vs_math"] <= 0.5, table
 
 
-def test_attention_benchmark_reports_every_backend(capsys):
+def test_attention_benchmark_reports_peak_memory_and_time(capsys):
     from gptkit.bench_attention import main
 
-    main(["--backends", "math,flash", "--T", "64", "--heads", "2", "--head-size", "16", "--repeats", "1", "--json"])
+    main(["--backends", "flash", "--T", "64", "--heads", "2", "--head-size", "16", "--repeats", "1", "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["backend"] for r in rows] == ["math", "flash"]
-    assert all(r["peak_rss_mib"] > 0 and r["fwd_bwd_s"] > 0 for r in rows)
-    assert rows[0]["vs_math"] == 1.0
+    assert [r["backend"] for r in rows] == ["flash"]  # one child process keeps this fast; the slow test runs all
+    assert rows[0]["peak_rss_mib"] > rows[0]["baseline_rss_mib"] > 0 and rows[0]["fwd_bwd_s"] > 0
+    assert rows[0]["vs_math"] is None  # no math row to compare with
