@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -69,7 +70,12 @@ def test_wandb_logger_offline(char_data, tmp_path, monkeypatch):
     run_id = (run / "wandb_id").read_text()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
-    records = next(offline[0].glob("*.wandb")).read_bytes()  # protobuf records name the logged keys
+    records = b""
+    for _ in range(100):  # W&B's writer process may still be flushing after finish()
+        records = next(offline[0].glob("*.wandb")).read_bytes()  # protobuf records name the logged keys
+        if b"final_val_loss" in records:
+            break
+        time.sleep(0.1)
     for key in (b"train_loss", b"val_loss", b"lr", b"tok_per_s", b"final_val_loss"):
         assert key in records
 
