@@ -7,7 +7,8 @@ quarters it. Activations, LayerNorms, the residual stream, the embeddings and th
 fp32: only the matmuls change, and they accumulate in fp32.
 
 `quantize_for_inference(model, "int8")` returns a copy whose Linear modules are replaced; the
-model code itself is untouched.
+model code itself is untouched. "float32" keeps the values and only stores the weights transposed,
+which the CPU's GEMM streams faster for the thin activations of decoding.
 """
 
 from __future__ import annotations
@@ -32,17 +33,59 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _onednn_packed(w: torch.Tensor) -> torch.Tensor | None:
+    """w (N, K) bf16 reordered once into oneDNN's blocked layout, or None where that is not
+    available. Plain F.linear in bf16 re-packs the weight at every call on the CPU, which makes
+    small batches slower than fp32."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        x = torch.zeros(2, w.shape[1], dtype=torch.bfloat16)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        if tuple(y.shape) != (2, w.shape[0]):
+            return None
+        return packed
+    except (RuntimeError, AttributeError):
+        return None
+
+
+class FP32Linear(nn.Module):
+    """y = x W^T + b in fp32, with W stored transposed (K, N): for the thin activations of decoding
+    the CPU's GEMM streams a (K, N) weight faster than nn.Linear's (N, K) one."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_t", weight.detach().float().t().contiguous())  # (K, N)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.in_features, self.out_features = self.weight_t.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.mm(x2, self.weight_t) if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 class BF16Linear(nn.Module):
-    """y = x W^T + b with W stored in bf16; x is cast to bf16 for the matmul, y comes back fp32."""
+    """y = x W^T + b with W stored in bf16; x is cast to bf16 for the matmul (which accumulates
+    in fp32), y comes back fp32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.out_features, self.in_features = self.weight.shape
+        self.packed = _onednn_packed(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.to(torch.bfloat16), self.weight).float()
+        shape = x.shape
+        xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.packed is not None and xb.device.type == "cpu":
+            y = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
+        else:
+            y = F.linear(xb, self.weight)
+        y = y.float().reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -84,14 +127,13 @@ def normalize_dtype(name: str) -> str:
 
 @torch.no_grad()
 def quantize_for_inference(model: nn.Module, dtype: str = "float32", inplace: bool = False) -> nn.Module:
-    """The model with every nn.Linear (lm_head included) stored in `dtype` (float32 | bfloat16 | int8).
-    float32 returns the model itself. Otherwise a copy (unless inplace), in eval mode, for inference only."""
+    """A copy of the model (or the model itself, inplace=True), in eval mode and for inference only,
+    with every nn.Linear (lm_head included) replaced by one whose weight is stored in `dtype`:
+    float32 (transposed for fast decoding, same values), bfloat16 or int8."""
     dtype = normalize_dtype(dtype)
-    if dtype == "float32":
-        return model
     if not inplace:
         model = copy.deepcopy(model)
-    cls = BF16Linear if dtype == "bfloat16" else Int8Linear
+    cls = {"float32": FP32Linear, "bfloat16": BF16Linear, "int8": Int8Linear}[dtype]
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear):

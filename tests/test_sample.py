@@ -211,13 +211,13 @@ def test_invalid_sampling_params_name_the_field():
         assert e.value.where == field
 
 
-def test_weight_only_bf16_and_int8_stay_close_to_fp32():
+def test_inference_copies_fp32_exact_bf16_and_int8_close():
     from gptkit.quantize import quantize_for_inference
 
     m = tiny_model(std=0.02)
     x = torch.randint(0, 96, (2, 12))
     ref = m(x)
-    for dt, tol in [("bfloat16", 0.02), ("int8", 0.05)]:
+    for dt, tol in [("float32", 1e-5), ("bfloat16", 0.02), ("int8", 0.05)]:
         q = quantize_for_inference(m, dt)
         err = (q(x) - ref).abs().max() / ref.abs().max()
         assert err < tol, (dt, float(err))
@@ -251,3 +251,24 @@ def test_cli_sample_streams_seeded_samples_and_rejects_long_prompts(tmp_path, gp
                     str(gpt2_vocab_path), cwd=tmp_path)
     assert long.returncode == 2 and "Traceback" not in long.stderr
     assert long.stderr.startswith("error: prompt has 41 tokens, the model's context is 32 (--prompt)")
+
+
+def test_bench_generate_json_lines_compare_transformers(tmp_path, capsys):
+    import json
+
+    pytest.importorskip("transformers")
+    from gptkit.cli import main
+    from gptkit.formats.hf import save_hf
+
+    save_hf(tiny_model(vocab_size=50257, block_size=32, std=0.02), tmp_path / "m")
+    rc = main(["bench", "generate", "--model", str(tmp_path / "m"), "--batch", "1,3", "--new-tokens", "4",
+               "--repeats", "1", "--dtype", "float32,bfloat16", "--compare", "hf", "--json"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and len(lines) == 6
+    assert {(r["system"], r["dtype"], r["batch"]) for r in lines} == {
+        (s, d, b) for s, d in [("gptkit", "float32"), ("gptkit", "bfloat16"), ("transformers", "float32")]
+        for b in (1, 3)}
+    for r in lines:
+        assert r["prompt_tokens"] == 8 and r["new_tokens"] == 4 and r["tok_per_s"] > 0 and r["vs_transformers"] > 0
+    assert all(0 <= r["greedy_agree"] <= 64 for r in lines if r["dtype"] == "bfloat16")
+    assert main(["bench"]) == 2
