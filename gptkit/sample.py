@@ -228,7 +228,7 @@ def run_sample(model_path: str, prompt: str = "", max_new_tokens: int = 200, tem
     loaded = load_model(model_path)
     tok = tokenizer_for(loaded, vocab)
     dev = pick_device(device)
-    model = quantize_for_inference(loaded.model.to(dev).eval(), dtype)
+    model = quantize_for_inference(loaded.model.to(dev).eval(), dtype, inplace=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = prepare_prompt(default_prompt_ids(tok, prompt), model.config.block_size, truncate, "--prompt")
