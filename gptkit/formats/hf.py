@@ -94,8 +94,12 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GptkitError(f"cannot read {pt.name} safely: {str(e).splitlines()[0]}", pt,
-                          "only plain tensor files load; convert it to safetensors") from None
+        # torch's own message suggests weights_only=False, which would run the file's code: never say that
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            what = "refusing to unpickle: the file holds code or objects other than tensors"
+        else:
+            what = f"cannot read {pt.name}: {type(e).__name__}"
+        raise GptkitError(what, pt, "only plain tensor files load; get a model.safetensors instead") from None
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], config: GPTConfig, where: str = "") -> dict[str, torch.Tensor]:
