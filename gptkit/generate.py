@@ -295,10 +295,9 @@ class Generation:
             positions = (torch.arange(T, device=dev)[None, :] - self.pad[:, None]).clamp_(min=0)  # (B, T)
         dtype = self.model.transformer.wte.weight.dtype
         self.cache = KVCache(self.config, B, max_len, dev, dtype)
-        self.logits = self.model(idx, cache=self.cache, positions=positions,
-                                 key_mask=None if self.key_mask is None else self.key_mask[:, :T],
-                                 last_only=True)[:, -1, :].float()
         self._setup_sampling()
+        self.logits = self._forward(idx, cache=self.cache, positions=positions,
+                                    key_mask=None if self.key_mask is None else self.key_mask[:, :T], last_only=True)
 
     def _setup_sampling(self) -> None:
         rows, dev = self.active, self.device
@@ -315,6 +314,14 @@ class Generation:
             self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
             for i, r in enumerate(rows):
                 self.seen[i, torch.tensor(r.prompt, device=dev).clamp(max=V - 1)] = True
+        self._set_screen()
+
+    def _set_screen(self) -> None:
+        """The number of top logits that can matter for the active rows, or None for all of them."""
+        V = self.config.vocab_size
+        ks = torch.where(self.greedy, torch.ones_like(self.top_k), self.top_k)
+        k = int(ks.max())
+        self.seen_top_k = k if self.seen is None and k < V else None
 
     def _compact(self) -> None:
         """Drop finished rows from the batch (and from the cache)."""
@@ -334,6 +341,20 @@ class Generation:
         self.all_greedy = bool(self.greedy.all())
         if self.seen is not None:
             self.seen = self.seen[k]
+        self._set_screen()
+
+    def _forward(self, idx, **kw) -> torch.Tensor:
+        """Last-position logits (B, V) in fp32. A screened lm_head (gptkit.quantize) is told when
+        only the top-k logits can matter: every row greedy or top-k, and no repetition penalty."""
+        head = getattr(self.model, "lm_head", None)
+        screened = hasattr(head, "top_k") and self.seen_top_k is not None
+        if screened:
+            head.top_k = self.seen_top_k
+        try:
+            return self.model(idx, **kw)[:, -1, :].float()
+        finally:
+            if screened:
+                head.top_k = None
 
     def _advance(self) -> None:
         """Feed the last tokens: through the cache, or past the context by recomputing a window."""
@@ -345,7 +366,7 @@ class Generation:
                 positions = (cache.pos - self.pad)[:, None]  # (B, 1)
                 km = self.key_mask[:, : cache.pos + 1]
             idx = self.last.to(self.device)[:, None]
-            self.logits = self.model(idx, cache=cache, positions=positions, key_mask=km)[:, -1, :].float()
+            self.logits = self._forward(idx, cache=cache, positions=positions, key_mask=km)
             return
         self.cache = None  # sliding window: recompute the last block_size tokens of every row
         bs = self.config.block_size
@@ -359,8 +380,7 @@ class Generation:
         if bool(pad.any()):
             key_mask = (torch.arange(T)[None, :] >= pad[:, None]).to(self.device)
             positions = (torch.arange(T)[None, :] - pad[:, None]).clamp_(min=0).to(self.device)
-        self.logits = self.model(idx.to(self.device), positions=positions, key_mask=key_mask,
-                                 last_only=True)[:, -1, :].float()
+        self.logits = self._forward(idx.to(self.device), positions=positions, key_mask=key_mask, last_only=True)
 
     def _choose(self) -> torch.Tensor:
         logits = self.logits

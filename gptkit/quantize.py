@@ -8,7 +8,8 @@ fp32: only the matmuls change, and they accumulate in fp32.
 
 `quantize_for_inference(model, "int8")` returns a copy whose Linear modules are replaced; the
 model code itself is untouched. "float32" keeps the values and only stores the weights transposed,
-which the CPU's GEMM streams faster for the thin activations of decoding.
+which the CPU's GEMM streams faster for the thin activations of decoding; its lm_head is a
+`ScreenedHead`, which the engine may ask for the exact top-k logits only (half the bytes read).
 """
 
 from __future__ import annotations
@@ -134,9 +135,57 @@ def quantize_for_inference(model: nn.Module, dtype: str = "float32", inplace: bo
     if not inplace:
         model = copy.deepcopy(model)
     cls = {"float32": FP32Linear, "bfloat16": BF16Linear, "int8": Int8Linear}[dtype]
+    head = getattr(model, "lm_head", None)
+    if dtype == "float32" and isinstance(head, nn.Linear) and head.weight is model.transformer.wte.weight:
+        model.lm_head = ScreenedHead(head.weight, model.config.vocab_size)
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(mod, child_name, cls(child.weight, child.bias))
     model.inference_dtype = dtype
     return model.eval().requires_grad_(False)
+
+
+class ScreenedHead(nn.Module):
+    """The fp32 lm_head, which can return only the top logits, exactly, while reading half the bytes.
+
+    When the caller sets `top_k` (it samples from the k largest logits only, or takes the argmax),
+    a bf16 copy of the weight scores every token, the best M = max(4k, k + 128) are recomputed in
+    fp32, and everything else is -inf. The answer is exact whenever the k-th best fp32 logit beats
+    every other token's bf16 score plus a bound on its rounding error: bf16 rounding of h, W and
+    the product is at most 2^-7 * sum_i |h_i W_ji| <= 2^-7 * ||h|| * ||W_j|| (Cauchy-Schwarz).
+    Otherwise (or with top_k None) it computes all logits in fp32.
+    """
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.weight = weight.detach()  # (Vp, C) fp32, shared with the token embedding
+        self.vocab_size = vocab_size
+        self.exact = FP32Linear(self.weight, None)
+        self.screen = BF16Linear(self.weight[:vocab_size], None)
+        self.register_buffer("row_norm", self.weight[:vocab_size].float().norm(dim=1))  # (V,)
+        self.top_k: int | None = None
+        self.calls = self.fallbacks = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.top_k
+        shape = x.shape
+        h = x.reshape(-1, shape[-1]).float()  # (R, C)
+        V, Vp = self.vocab_size, self.weight.shape[0]
+        if not k or h.shape[0] > 64 or k * 8 > V:
+            return self.exact(x)
+        self.calls += 1
+        M = min(V - 1, max(4 * k, k + 128))
+        bound = 2.0 ** -7 * h.norm(dim=1, keepdim=True) * self.row_norm[None, :]  # (R, V)
+        upper = self.screen(h) + bound  # (R, V): no fp32 logit exceeds this
+        top_upper, cand = torch.topk(upper, M + 1, dim=-1)  # (R, M+1)
+        cand = cand[:, :M]
+        exact = torch.bmm(self.weight[cand], h[:, :, None]).squeeze(-1)  # (R, M)
+        kth = torch.topk(exact, k, dim=-1).values[:, -1]
+        if not bool((kth > top_upper[:, M]).all()):
+            self.fallbacks += 1
+            return self.exact(x)
+        out = torch.full((h.shape[0], Vp), float("-inf"), device=h.device)
+        out.scatter_(1, cand, exact)
+        return out.reshape(*shape[:-1], Vp)
+

@@ -272,3 +272,24 @@ def test_bench_generate_json_lines_compare_transformers(tmp_path, capsys):
         assert r["prompt_tokens"] == 8 and r["new_tokens"] == 4 and r["tok_per_s"] > 0 and r["vs_transformers"] > 0
     assert all(0 <= r["greedy_agree"] <= 64 for r in lines if r["dtype"] == "bfloat16")
     assert main(["bench"]) == 2
+
+
+def test_screened_lm_head_gives_the_exact_top_k_logits():
+    from gptkit.quantize import ScreenedHead, quantize_for_inference
+
+    m = tiny_model(vocab_size=1000, std=0.02)
+    fast = quantize_for_inference(m, "float32")
+    assert isinstance(fast.lm_head, ScreenedHead)
+    h = torch.randn(3, 32)
+    ref = h @ m.transformer.wte.weight.t()  # (3, Vp)
+    for k in (1, 20):
+        fast.lm_head.top_k = k
+        got = fast.lm_head(h)
+        top = torch.topk(ref[:, :1000], k).indices
+        torch.testing.assert_close(got.gather(1, top), ref.gather(1, top))
+        assert torch.equal(torch.topk(got[:, :1000], k).indices, top)
+    # the engine uses it for greedy and top-k rows and gets the tokens of the plain model
+    sp = [SamplingParams(max_new_tokens=10, temperature=0), SamplingParams(max_new_tokens=10, top_k=5, seed=1)]
+    assert [c.token_ids for c in generate_batch(fast, [[1, 2], [3]], sp)] == \
+        [c.token_ids for c in generate_batch(m, [[1, 2], [3]], sp)]
+    assert fast.lm_head.calls > 0 and fast.lm_head.top_k is None
