@@ -139,6 +139,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
     optim_dtype: str = "float32"  # AdamW moments: float32 | bfloat16 (half the optimizer memory)
+    param_dtype: str = "float32"  # bfloat16 = bf16 weights for forward/backward, fp32 master weights
     threads: int = 0  # 0 = PyTorch's default
     seed: int = 1337
     dropout: float = 0.0
@@ -175,6 +176,8 @@ class TrainConfig:
             raise GptkitError(f"unknown dtype {self.dtype!r}", "dtype", "use auto, float32, bfloat16 or float16")
         if self.optim_dtype not in ("float32", "bfloat16", "fp32", "bf16"):
             raise GptkitError(f"unknown optim_dtype {self.optim_dtype!r}", "optim_dtype", "use float32 or bfloat16")
+        if self.param_dtype not in ("float32", "bfloat16", "fp32", "bf16"):
+            raise GptkitError(f"unknown param_dtype {self.param_dtype!r}", "param_dtype", "use float32 or bfloat16")
         if not self.max_time >= 0:
             raise GptkitError(f"max_time must be >= 0 seconds, got {self.max_time!r}", "max_time")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):

@@ -316,8 +316,17 @@ class Trainer:
             self.log(f"resuming {run_dir} from step {step} ({resume_ckpt.name})")
 
         train_model = model
+        shadow = None
+        if cfg.param_dtype in ("bfloat16", "bf16"):  # bf16 weights compute, fp32 master weights update
+            if dist.enabled:
+                raise GptkitError("param_dtype=bfloat16 runs in a single process", "param_dtype",
+                                  "use param_dtype=float32 with torchrun")
+            from gptkit.precision import ShadowWeights
+
+            shadow = ShadowWeights(model, torch.bfloat16)
+            train_model = shadow.module
         if cfg.compile:
-            train_model = self._compile(model)
+            train_model = self._compile(train_model)
         if dist.enabled and not self.fsdp:
             train_model = parallel.wrap_ddp(train_model, self.device)
 
@@ -370,6 +379,8 @@ class Trainer:
                         (scaler.scale(scaled) if scaler else scaled).backward()
                     loss_sum += loss.detach()
                 loss_avg = loss_sum / self.micro_steps
+                if shadow:
+                    shadow.grads_to_master()
                 if dist.enabled:
                     import torch.distributed as tdist
 
@@ -398,6 +409,8 @@ class Trainer:
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if shadow:
+                    shadow.pull()
                 step += 1
                 tokens_seen += tokens_per_step
                 bar.update(1)

@@ -19,6 +19,7 @@ import gptkit.train as train_mod
 from gptkit.config import GPTConfig
 from gptkit.model import GPT
 from gptkit.optim import LowPrecisionAdamW, lr_at, make_adamw
+from gptkit.precision import ShadowWeights
 from gptkit.prepare import prepare
 from gptkit.runtime import autocast
 from gptkit.train import resolve_config, train
@@ -55,9 +56,10 @@ def _char_batches(n: int, B: int = 8, T: int = 32, seed: int = 0):
     return out, 32
 
 
-def _loss_curve(batches, vocab, *, dtype=torch.float32, state_dtype=torch.float32, lr=3e-3):
+def _loss_curve(batches, vocab, *, dtype=torch.float32, state_dtype=torch.float32, lr=3e-3, shadow=False):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32))
+    sh = ShadowWeights(model, torch.bfloat16) if shadow else None
     if state_dtype == torch.float32:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)  # the reference optimizer
     else:
@@ -65,10 +67,14 @@ def _loss_curve(batches, vocab, *, dtype=torch.float32, state_dtype=torch.float3
     losses = []
     for x, y in batches:
         with autocast(torch.device("cpu"), dtype):
-            _, loss = model(x, y)
+            _, loss = (sh.module if sh else model)(x, y)
         loss.backward()
+        if sh:
+            sh.grads_to_master()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if sh:
+            sh.pull()
         losses.append(loss.item())
     return torch.tensor(losses)
 
@@ -83,6 +89,16 @@ def test_bf16_moments_adamw_loss_curve_within_1_percent_of_fp32_adamw_over_200_s
     low = _loss_curve(batches, vocab, state_dtype=torch.bfloat16)
     assert ref[-1] < 0.6 * ref[0]  # the curve actually descends
     # every point of the (10-step averaged) curve, and the final loss, within 1% of fp32 AdamW
+    rel = ((_smooth(low) - _smooth(ref)).abs() / _smooth(ref)).max()
+    assert rel < 0.01, f"max relative deviation {rel:.4f}"
+    assert abs(low[-1] - ref[-1]) / ref[-1] < 0.01
+
+
+def test_bf16_weights_with_fp32_master_loss_curve_within_1_percent_of_fp32_adamw_over_200_steps():
+    batches, vocab = _char_batches(200)
+    ref = _loss_curve(batches, vocab)
+    low = _loss_curve(batches, vocab, shadow=True)
+    assert not torch.equal(ref, low)  # the forward really ran in bf16
     rel = ((_smooth(low) - _smooth(ref)).abs() / _smooth(ref)).max()
     assert rel < 0.01, f"max relative deviation {rel:.4f}"
     assert abs(low[-1] - ref[-1]) / ref[-1] < 0.01
@@ -172,6 +188,18 @@ def test_max_time_ends_training_in_budget_with_lr_decayed_by_wall_clock(char_dat
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert max(lrs) == pytest.approx(1e-3)
     assert lrs[-1] < 1e-4 + 0.1 * (1e-3 - 1e-4)  # the cosine has run (almost) to min_lr
+
+
+def test_param_dtype_bf16_trains_bf16_copy_and_checkpoints_fp32_master(char_data, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, mov = _cfg(char_data, tmp_path / "run", param_dtype="bfloat16", dtype="bfloat16", lr=1e-2)
+    res = train(cfg, mov, log=_silent)
+    assert res.step == 6 and math.isfinite(res.final_val_loss)
+    tensors = load_file(str(tmp_path / "run" / "ckpt_00000006" / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    w = tensors["transformer.h.0.mlp.c_fc.weight"]
+    assert not torch.equal(w, w.bfloat16().float())  # the master keeps fp32 precision
 
 
 def test_fp16_trains_through_the_grad_scaler(char_data, tmp_path, monkeypatch):
