@@ -107,15 +107,15 @@ class TrainConfig:
     model: str = "shakespeare-char"  # architecture preset, or a path whose config is used
     init: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | PATH
     # batch
-    batch_size: int = 16  # B, micro-batch per process
+    batch_size: int = 8  # B, micro-batch per process
     block_size: int = 64  # T, sequence length (<= the model's block_size)
     grad_accum: int = 1
     # optimisation
-    max_steps: int = 2000
-    max_time: float = 0.0  # wall-clock budget in s from the process start, final eval included (0 = off)
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 100
+    max_steps: int = 20000  # with max_time, a cap; the time budget usually ends the run first
+    max_time: float = 110.0  # wall-clock budget in s from the process start, final eval included (0 = off)
+    lr: float = 6e-3
+    min_lr: float = 6e-4
+    warmup_steps: int = 50
     decay_steps: int = 0  # 0 = decay until max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -123,8 +123,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
     # eval, samples, checkpoints, logs
-    eval_interval: int = 250  # 0 = only at the end
-    eval_batches: int = 20  # batches per periodic val estimate; the final eval covers the whole split
+    eval_interval: int = 500  # 0 = only at the end
+    eval_batches: int = 10  # batches per periodic val estimate; the final eval covers the whole split
     final_eval: bool = True  # loss over the whole val split at the end
     sample_interval: int = 0  # 0 = only at the end
     sample_tokens: int = 200
@@ -139,11 +139,13 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
     optim_dtype: str = "float32"  # AdamW moments: float32 | bfloat16 (half the optimizer memory)
-    param_dtype: str = "float32"  # bfloat16 = bf16 weights for forward/backward, fp32 master weights
+    # bfloat16 = bf16 weights for forward/backward with fp32 master weights; auto = bfloat16 when the
+    # compute dtype is bf16 on a CPU in a single process (1.5x faster than autocast there), else float32
+    param_dtype: str = "auto"
     threads: int = 0  # 0 = PyTorch's default
     seed: int = 1337
     dropout: float = 0.0
-    attention: str = "sdpa"
+    attention: str = "auto"  # auto = math on a CPU for block_size <= 128 (faster there than sdpa), else sdpa
     progress: bool = True
     # robustness, scale-out and run logs
     max_bad_steps: int = 10  # non-finite loss/gradient steps skipped before the run stops (0 = stop at the first)
@@ -176,15 +178,15 @@ class TrainConfig:
             raise GptkitError(f"unknown dtype {self.dtype!r}", "dtype", "use auto, float32, bfloat16 or float16")
         if self.optim_dtype not in ("float32", "bfloat16", "fp32", "bf16"):
             raise GptkitError(f"unknown optim_dtype {self.optim_dtype!r}", "optim_dtype", "use float32 or bfloat16")
-        if self.param_dtype not in ("float32", "bfloat16", "fp32", "bf16"):
+        if self.param_dtype not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
             raise GptkitError(f"unknown param_dtype {self.param_dtype!r}", "param_dtype", "use float32 or bfloat16")
         if not self.max_time >= 0:
             raise GptkitError(f"max_time must be >= 0 seconds, got {self.max_time!r}", "max_time")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             raise GptkitError(f"unknown device {self.device!r}", "device", "use auto, cpu, cuda[:N] or mps")
-        if self.attention not in ATTENTION_BACKENDS:
+        if self.attention not in ATTENTION_BACKENDS + ("auto",):
             raise GptkitError(f"unknown attention backend {self.attention!r}", "attention",
-                              f"use one of {', '.join(ATTENTION_BACKENDS)}")
+                              f"use auto or one of {', '.join(ATTENTION_BACKENDS)}")
         unknown = [x for x in self.loggers.split(",") if x.strip() and x.strip() not in ("tensorboard", "wandb")]
         if unknown:
             raise GptkitError(f"unknown logger {unknown[0]!r}", "loggers", "use tensorboard, wandb or both (comma-separated)")

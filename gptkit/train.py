@@ -27,9 +27,9 @@ from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.optim import lr_at, make_adamw
 from gptkit.runtime import (DTYPES, Dist, autocast, measure_peak_flops, pick_dtype, setup_cuda_matmul, setup_distributed,
-                            setup_threads, synchronize)
+                            process_start_time, setup_threads, synchronize)
 
-PROCESS_START = time.time()
+PROCESS_START = process_start_time()  # wall time is counted from the process start (before imports)
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # `--config NAME.toml` finds these by name  # wall time is counted from the process start, evals included
 
 # model keys that a `key=value` may set; block_size/dropout/attention are TrainConfig fields
@@ -192,7 +192,10 @@ class Trainer:
         self.dist, self.device = setup_distributed(cfg.device)
         if not self.dist.is_main:
             self.log = lambda *a, **k: None
-        setup_threads(cfg.threads)
+        self.threads = setup_threads(cfg.threads)
+        self.attention = cfg.attention
+        if cfg.attention == "auto":  # at short contexts PyTorch's CPU sdpa backward is slower than plain math
+            self.attention = "math" if self.device.type == "cpu" and cfg.block_size <= 128 else "sdpa"
         setup_cuda_matmul()
         self.dtype = pick_dtype(cfg.dtype, self.device)
         if cfg.grad_accum % self.dist.world_size:
@@ -229,7 +232,7 @@ class Trainer:
             if cfg.block_size > model.config.block_size:
                 raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context {model.config.block_size}",
                                   "block_size")
-            new_cfg = model.config.replace(dropout=cfg.dropout, attention=cfg.attention)
+            new_cfg = model.config.replace(dropout=cfg.dropout, attention=self.attention)
             model.config = new_cfg
             for m in model.modules():
                 if hasattr(m, "config"):
@@ -244,7 +247,7 @@ class Trainer:
             from gptkit.loading import load_model
 
             base = load_model(cfg.model).model.config.to_dict()
-        base.update(block_size=cfg.block_size, dropout=cfg.dropout, attention=cfg.attention)
+        base.update(block_size=cfg.block_size, dropout=cfg.dropout, attention=self.attention)
         if "vocab_size" in meta:
             base["vocab_size"] = int(meta["vocab_size"])
         base.update(self.model_overrides)
@@ -317,7 +320,10 @@ class Trainer:
 
         train_model = model
         shadow = None
-        if cfg.param_dtype in ("bfloat16", "bf16"):  # bf16 weights compute, fp32 master weights update
+        bf16_weights = cfg.param_dtype in ("bfloat16", "bf16") or (
+            cfg.param_dtype == "auto" and self.dtype == torch.bfloat16 and self.device.type == "cpu"
+            and not dist.enabled)
+        if bf16_weights:  # bf16 weights compute, fp32 master weights update
             if dist.enabled:
                 raise GptkitError("param_dtype=bfloat16 runs in a single process", "param_dtype",
                                   "use param_dtype=float32 with torchrun")
@@ -339,7 +345,8 @@ class Trainer:
         peak = measure_peak_flops(self.device, self.dtype, n=1024) if dist.is_main else 1.0
         self.log(f"model: {model.num_params():,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} heads, "
                  f"{mcfg.n_embd} dims, vocab {mcfg.vocab_size}); device {self.device}, {str(self.dtype)[6:]}; "
-                 f"{tokens_per_step:,} tokens/step; run dir {run_dir}")
+                 f"{tokens_per_step:,} tokens/step; {self.attention} attention; "
+                 f"{'bf16 weights + fp32 master' if shadow else 'fp32 weights'}; {self.threads} threads; run dir {run_dir}")
 
         tokenizer = self._tokenizer(chars, mcfg)
         from gptkit.loggers import RunLogger
