@@ -197,18 +197,26 @@ class _Row:
 
 
 class Generation:
-    """A batch of requests generated together, one token per row per `step()`.
+    """A batch of requests generated together, one token per row per `step()`; requests may join
+    while it runs (`add`), and finished ones leave it.
 
     prompts: token id lists (already checked with `prepare_prompt`); params: one SamplingParams
     for all or one per prompt; tokenizer (optional) turns tokens into text and enables stop
     strings; eot: the end-of-text id (default: the tokenizer's); generator: the random stream of
-    rows without a seed (default: torch's global RNG).
+    rows without a seed (default: torch's global RNG). Prompts may be empty: `add` them later.
+
+    The KV cache holds the running rows right-aligned: every row's last key sits just left of the
+    shared write position `cache.pos`, with `pad[i]` empty slots to its left (masked out by the
+    key mask; row i's token in slot s has position s - pad[i]). A request that joins is prefilled
+    on its own (with the other newcomers of that step) and its keys are copied in at the right
+    end; if its prompt is longer than the running rows, the cache grows to the left. Empty slots
+    that every row has are dropped, so `cache.pos` is the longest row's length, never more than
+    the context.
     """
 
-    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 tokenizer=None, eot: int | None = None, generator: torch.Generator | None = None):
-        if not prompts:
-            raise ValueError("no prompts")
+    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]] = (),
+                 params: SamplingParams | Sequence[SamplingParams] = (), tokenizer=None, eot: int | None = None,
+                 generator: torch.Generator | None = None):
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -216,38 +224,71 @@ class Generation:
         self.model = model
         self.config = model.config
         self.device = model.transformer.wte.weight.device
+        self.dtype = model.transformer.wte.weight.dtype
         self.tokenizer = tokenizer
         self.generator = generator  # for rows without a seed (default: torch's global RNG)
         if eot is None and tokenizer is not None:
             eot = tokenizer.eot
-        tb = token_bytes_fn(tokenizer) if tokenizer is not None else None
-        self.rows = [_Row(i, list(p), sp, eot, tb) for i, (p, sp) in enumerate(zip(prompts, params))]
-        for r in self.rows:
-            if not r.prompt:
-                raise GptkitError("prompt is empty", f"prompt {r.index}", "give at least one token")
-            if len(r.prompt) >= self.config.block_size:
-                raise GptkitError(f"prompt has {len(r.prompt)} tokens, the model's context is {self.config.block_size}",
-                                  f"prompt {r.index}", "shorten it or truncate it with prepare_prompt")
-        self.active: list[_Row] = []
+        self.eot = eot
+        self.tb = token_bytes_fn(tokenizer) if tokenizer is not None else None
+        self.rows: dict[int, _Row] = {}  # index -> row, until `release(index)`
+        self.next_index = 0
+        self.active: list[_Row] = []  # rows whose keys/values are in self.cache, in cache order
+        self.pad: list[int] = []  # empty cache slots left of each active row
         self.cache: KVCache | None = None
-        self.logits: torch.Tensor | None = None  # (B_active, V) for the next token
-        self.started = False
-        for r in self.rows:  # nothing to generate
-            if r.params.max_new_tokens == 0:
-                r.finished, r.finish_reason = True, "length"
-        self.pending: list[Event] = [Event(r.index, None, "", True, "length") for r in self.rows if r.finished]
+        self.windowed: list[_Row] = []  # rows past the context: their last block_size tokens, recomputed
+        self.joining: list[_Row] = []  # added, prefilled at the next step
+        self.pending: list[Event] = []
+        self.forward_sizes: list[int] = []  # rows in each forward pass of the last step
+        self._batch: list[_Row] | None = None  # the rows the sampling tensors were built for
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            self.add(p, sp, where=f"prompt {i}")
 
     # ------------------------------------------------------------------------------------------
+    def add(self, prompt: Sequence[int], params: SamplingParams, where: str | None = None) -> int:
+        """Queue one more request; it is prefilled and joins the running batch at the next `step()`.
+        Its tokens are the ones it would get generated alone. Returns its index (for events,
+        `cancel`, `release`)."""
+        index = self.next_index
+        r = _Row(index, list(prompt), params, self.eot, self.tb)
+        where = where or f"prompt {index}"
+        if not r.prompt:
+            raise GptkitError("prompt is empty", where, "give at least one token")
+        if len(r.prompt) >= self.config.block_size:
+            raise GptkitError(f"prompt has {len(r.prompt)} tokens, the model's context is {self.config.block_size}",
+                              where, "shorten it or truncate it with prepare_prompt")
+        self.next_index += 1
+        self.rows[index] = r
+        if params.max_new_tokens == 0:  # nothing to generate
+            r.finished, r.finish_reason = True, "length"
+            self.pending.append(Event(index, None, "", True, "length"))
+        else:
+            self.joining.append(r)
+        return index
+
     @property
     def done(self) -> bool:
-        return all(r.finished for r in self.rows)
+        """No request is left to run (events may still be pending)."""
+        return all(r.finished for r in (*self.active, *self.windowed, *self.joining))
+
+    @property
+    def running(self) -> int:
+        """Unfinished requests, running or about to join."""
+        return sum(not r.finished for r in (*self.active, *self.windowed, *self.joining))
 
     def cancel(self, index: int) -> None:
         """Stop request `index` (e.g. its client went away); it leaves the batch at the next step."""
-        r = self.rows[index]
-        if not r.finished:
+        r = self.rows.get(index)
+        if r is not None and not r.finished:
             r.finished, r.finish_reason = True, "stop"
             self.pending.append(Event(index, None, "", True, "stop"))
+
+    def release(self, index: int) -> None:
+        """Forget a finished request (a long-running server releases each one once it has its last event)."""
+        r = self.rows.get(index)
+        if r is not None and not r.finished:
+            raise ValueError(f"request {index} is still running")
+        self.rows.pop(index, None)
 
     def __iter__(self) -> Iterator[Event]:
         while not self.done or self.pending:
@@ -255,122 +296,128 @@ class Generation:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Run one forward pass and pick one token for every unfinished row."""
+        """Run one token for every unfinished row: a decode pass over the cached rows, a recompute
+        pass over rows past the context, and a prefill pass over rows that join now."""
         events, self.pending = self.pending, []
-        if self.done:
+        self.forward_sizes = []
+        self.joining = [r for r in self.joining if not r.finished]
+        self.windowed = [r for r in self.windowed if not r.finished]
+        self._compact()
+        joining, self.joining = self.joining, []
+        if not (self.active or self.windowed or joining):
             return events
-        if not self.started:
-            self._start()
-        else:
-            self._compact()
-            self._advance()
-        tokens = self._choose()  # (B_active,) on the CPU
-        for r, t in zip(self.active, tokens.tolist()):
-            events.append(self._accept(r, t))
-        self.last = tokens
+        self.screen_k = self._screen_k([*self.active, *self.windowed, *joining])
+        parts = []
+        if self.active:
+            parts.append(self._decode())
+        if joining:
+            parts.append(self._prefill(joining))  # the new rows join self.active at its end
+        if self.windowed:
+            parts.append(self._recompute())
+        rows = self.active + self.windowed
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        tokens = self._choose(rows, logits)  # (B,) on the CPU
+        for i, (r, t) in enumerate(zip(rows, tokens.tolist())):
+            events.append(self._accept(i, r, t))
         return events
 
     # ------------------------------------------------------------------------------------------
-    def _start(self) -> None:
-        """Prefill: all prompts left-padded into one batch."""
-        self.started = True
-        self.active = [r for r in self.rows if not r.finished]
-        rows = self.active
-        dev = self.device
-        B = len(rows)
-        lens = torch.tensor([len(r.prompt) for r in rows])
-        T = int(lens.max())
-        max_len = min(self.config.block_size, T + max(r.params.max_new_tokens for r in rows))
-        self.pad = (T - lens).to(dev)  # (B,) left padding per row
-        idx = torch.zeros(B, T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            idx[i, T - len(r.prompt):] = torch.tensor(r.prompt)
-        idx = idx.to(dev)
-        self.padded = bool(self.pad.any())
-        self.key_mask = None
-        positions = None
-        if self.padded:
-            slot = torch.arange(max_len, device=dev)
-            self.key_mask = slot[None, :] >= self.pad[:, None]  # (B, max_len)
-            positions = (torch.arange(T, device=dev)[None, :] - self.pad[:, None]).clamp_(min=0)  # (B, T)
-        dtype = self.model.transformer.wte.weight.dtype
-        self.cache = KVCache(self.config, B, max_len, dev, dtype)
-        self._setup_sampling()
-        self.logits = self._forward(idx, cache=self.cache, positions=positions,
-                                    key_mask=None if self.key_mask is None else self.key_mask[:, :T], last_only=True)
-
-    def _setup_sampling(self) -> None:
-        rows, dev = self.active, self.device
-        V = self.config.vocab_size
-        p = [r.params for r in rows]
-        self.greedy = torch.tensor([sp.temperature == 0 for sp in p], device=dev)
-        self.all_greedy = bool(self.greedy.all())
-        self.temperature = torch.tensor([sp.temperature or 1.0 for sp in p], device=dev)
-        self.top_k = torch.tensor([min(sp.top_k, V) if sp.top_k else V for sp in p], device=dev)
-        self.top_p = torch.tensor([sp.top_p if sp.top_p is not None else 1.0 for sp in p], device=dev)
-        self.penalty = torch.tensor([sp.repetition_penalty for sp in p], device=dev)
-        self.seen = None
-        if bool((self.penalty != 1.0).any()):
-            self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
-            for i, r in enumerate(rows):
-                self.seen[i, torch.tensor(r.prompt, device=dev).clamp(max=V - 1)] = True
-        self._set_screen()
-
-    def _set_screen(self) -> None:
-        """The number of top logits that can matter for the active rows, or None for all of them."""
-        V = self.config.vocab_size
-        ks = torch.where(self.greedy, torch.ones_like(self.top_k), self.top_k)
-        k = int(ks.max())
-        self.seen_top_k = k if self.seen is None and k < V else None
-
     def _compact(self) -> None:
-        """Drop finished rows from the batch (and from the cache)."""
-        keep = [i for i, r in enumerate(self.active) if not r.finished]
-        if len(keep) == len(self.active):
-            return
-        k = torch.tensor(keep, device=self.device)
-        self.active = [self.active[i] for i in keep]
-        self.last = self.last[k.cpu()]
-        self.pad = self.pad[k]
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask[k]
-        if self.cache is not None:
-            self.cache.reorder(k)
-        self.greedy, self.temperature, self.top_k = self.greedy[k], self.temperature[k], self.top_k[k]
-        self.top_p, self.penalty = self.top_p[k], self.penalty[k]
-        self.all_greedy = bool(self.greedy.all())
-        if self.seen is not None:
-            self.seen = self.seen[k]
-        self._set_screen()
-
-    def _forward(self, idx, **kw) -> torch.Tensor:
-        """Last-position logits (B, V) in fp32. A screened lm_head (gptkit.quantize) is told when
-        only the top-k logits can matter: every row greedy or top-k, and no repetition penalty."""
-        head = getattr(self.model, "lm_head", None)
-        screened = hasattr(head, "top_k") and self.seen_top_k is not None
-        if screened:
-            head.top_k = self.seen_top_k
-        try:
-            return self.model(idx, **kw)[:, -1, :].float()
-        finally:
-            if screened:
-                head.top_k = None
-
-    def _advance(self) -> None:
-        """Feed the last tokens: through the cache, or past the context by recomputing a window."""
-        cache = self.cache
-        if cache is not None and cache.pos < cache.max_len:
-            positions = None
-            km = None
-            if self.padded:
-                positions = (cache.pos - self.pad)[:, None]  # (B, 1)
-                km = self.key_mask[:, : cache.pos + 1]
-            idx = self.last.to(self.device)[:, None]
-            self.logits = self._forward(idx, cache=cache, positions=positions, key_mask=km)
-            return
-        self.cache = None  # sliding window: recompute the last block_size tokens of every row
+        """Drop finished rows from the cache, move rows that outgrew the context to the recompute
+        group, and drop the empty slots every remaining row has on its left."""
         bs = self.config.block_size
-        seqs = [(r.prompt + r.tokens)[-bs:] for r in self.active]
+        keep = []
+        for i, r in enumerate(self.active):
+            if r.finished:
+                continue
+            if len(r.prompt) + len(r.tokens) > bs:  # its next token would sit past the context
+                self.windowed.append(r)
+            else:
+                keep.append(i)
+        if not keep:
+            self.active, self.pad, self.cache = [], [], None
+            return
+        cache = self.cache
+        if len(keep) < len(self.active):
+            cache.reorder(torch.tensor(keep, device=self.device))
+            self.active = [self.active[i] for i in keep]
+            self.pad = [self.pad[i] for i in keep]
+        d = min(self.pad)
+        if d:  # a view, not a copy
+            cache.k, cache.v = cache.k[:, :, :, d:], cache.v[:, :, :, d:]
+            cache.pos -= d
+            cache.max_len -= d
+            self.pad = [p - d for p in self.pad]
+
+    def _capacity(self, rows: list[_Row], pad: list[int], at_least: int) -> int:
+        """Cache slots for these rows to run to the end (or to the context), and at least `at_least`."""
+        bs = self.config.block_size
+        need = max(p + len(r.prompt) + r.params.max_new_tokens for r, p in zip(rows, pad))
+        return max(at_least, min(need, bs))
+
+    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.device, self.dtype)
+
+    def _decode(self) -> torch.Tensor:
+        """Feed every cached row its last token: logits (B_active, V)."""
+        cache = self.cache
+        if cache.pos + 1 > cache.max_len:  # out of room (after joins or trims): grow to the right
+            grown = self._new_cache(len(self.active), self._capacity(self.active, self.pad, cache.pos + 1))
+            grown.k[:, :, :, :cache.pos] = cache.k[:, :, :, :cache.pos]
+            grown.v[:, :, :, :cache.pos] = cache.v[:, :, :, :cache.pos]
+            grown.pos = cache.pos
+            self.cache = cache = grown
+        positions = km = None
+        if any(self.pad):
+            pad = torch.tensor(self.pad, device=self.device)
+            positions = (cache.pos - pad)[:, None]  # (B, 1)
+            km = torch.arange(cache.pos + 1, device=self.device)[None, :] >= pad[:, None]  # (B, pos+1)
+        idx = torch.tensor([r.tokens[-1] for r in self.active], device=self.device)[:, None]
+        self.forward_sizes.append(len(self.active))
+        return self._forward(idx, cache=cache, positions=positions, key_mask=km)
+
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """Run the new rows' prompts (left-padded into one batch) and merge their keys and values
+        into the running cache: logits (B_new, V) for their first tokens."""
+        dev = self.device
+        lens = [len(r.prompt) for r in rows]
+        T = max(lens)
+        pad = [T - n for n in lens]
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, pad[i]:] = torch.tensor(r.prompt)
+        positions = km = None
+        if any(pad):
+            p = torch.tensor(pad, device=dev)
+            km = torch.arange(T, device=dev)[None, :] >= p[:, None]  # (B_new, T)
+            positions = (torch.arange(T, device=dev)[None, :] - p[:, None]).clamp_(min=0)  # (B_new, T)
+        # alone, the new rows' cache is the running one; joining, it only needs the prompts
+        first = self.cache is None
+        cache = self._new_cache(len(rows), self._capacity(rows, pad, T) if first else T)
+        self.forward_sizes.append(len(rows))
+        logits = self._forward(idx.to(dev), cache=cache, positions=positions, key_mask=km, last_only=True)
+        if first:
+            self.cache, self.active, self.pad = cache, list(rows), pad
+            return logits
+        # right-align both groups at the new write position; slots left of a row stay empty (zeros)
+        old, P = self.cache, self.cache.pos
+        pos = max(P, T)
+        all_rows = self.active + rows
+        all_pad = [p + pos - P for p in self.pad] + [p + pos - T for p in pad]
+        merged = self._new_cache(len(all_rows), self._capacity(all_rows, all_pad, pos))
+        B = len(self.active)
+        merged.k[:, :B, :, pos - P:pos] = old.k[:, :, :, :P]
+        merged.v[:, :B, :, pos - P:pos] = old.v[:, :, :, :P]
+        merged.k[:, B:, :, pos - T:pos] = cache.k[:, :, :, :T]
+        merged.v[:, B:, :, pos - T:pos] = cache.v[:, :, :, :T]
+        merged.pos = pos
+        self.cache, self.active, self.pad = merged, all_rows, all_pad
+        return logits
+
+    def _recompute(self) -> torch.Tensor:
+        """Rows past the context: nanoGPT's sliding window, the last block_size tokens recomputed."""
+        bs = self.config.block_size
+        seqs = [(r.prompt + r.tokens)[-bs:] for r in self.windowed]
         T = max(len(s) for s in seqs)
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
         pad = torch.tensor([T - len(s) for s in seqs])
@@ -380,31 +427,75 @@ class Generation:
         if bool(pad.any()):
             key_mask = (torch.arange(T)[None, :] >= pad[:, None]).to(self.device)
             positions = (torch.arange(T)[None, :] - pad[:, None]).clamp_(min=0).to(self.device)
-        self.logits = self._forward(idx.to(self.device), positions=positions, key_mask=key_mask, last_only=True)
+        self.forward_sizes.append(len(seqs))
+        return self._forward(idx.to(self.device), positions=positions, key_mask=key_mask, last_only=True)
 
-    def _choose(self) -> torch.Tensor:
-        logits = self.logits
+    def _screen_k(self, rows: list[_Row]) -> int | None:
+        """The number of top logits that can matter for these rows, or None for all of them: every
+        row greedy or top-k, and no repetition penalty."""
+        V = self.config.vocab_size
+        if any(r.params.repetition_penalty != 1.0 for r in rows):
+            return None
+        k = max(1 if r.params.temperature == 0 else (min(r.params.top_k, V) if r.params.top_k else V) for r in rows)
+        return k if k < V else None
+
+    def _forward(self, idx, **kw) -> torch.Tensor:
+        """Last-position logits (B, V) in fp32. A screened lm_head (gptkit.quantize) is told when
+        only the top-k logits can matter."""
+        head = getattr(self.model, "lm_head", None)
+        screened = hasattr(head, "top_k") and self.screen_k is not None
+        if screened:
+            head.top_k = self.screen_k
+        try:
+            return self.model(idx, **kw)[:, -1, :].float()
+        finally:
+            if screened:
+                head.top_k = None
+
+    def _sampling_tensors(self, rows: list[_Row]) -> None:
+        """Per-row settings as tensors, rebuilt whenever the batch's rows change."""
+        if rows == self._batch:
+            return
+        self._batch = list(rows)
+        dev = self.device
+        V = self.config.vocab_size
+        p = [r.params for r in rows]
+        self.greedy = torch.tensor([sp.temperature == 0 for sp in p], device=dev)
+        self.all_greedy = bool(self.greedy.all())
+        self.any_greedy = bool(self.greedy.any())
+        self.temperature = torch.tensor([sp.temperature or 1.0 for sp in p], device=dev)
+        self.top_k = torch.tensor([min(sp.top_k, V) if sp.top_k else V for sp in p], device=dev)
+        self.top_p = torch.tensor([sp.top_p if sp.top_p is not None else 1.0 for sp in p], device=dev)
+        self.penalty = torch.tensor([sp.repetition_penalty for sp in p], device=dev)
+        self.seen = None
+        if any(sp.repetition_penalty != 1.0 for sp in p):
+            self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
+            for i, r in enumerate(rows):
+                self.seen[i, torch.tensor(r.prompt + r.tokens, device=dev).clamp(max=V - 1)] = True
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        self._sampling_tensors(rows)
         if self.seen is not None:
             logits = repetition_penalty(logits, self.seen, self.penalty)
         if self.all_greedy:
             return logits.argmax(dim=-1).cpu()
-        u = torch.empty(len(self.active))
-        unseeded = [i for i, r in enumerate(self.active) if r.generator is None]
+        u = torch.empty(len(rows))
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
         if unseeded:
             g = self.generator
             u[unseeded] = torch.rand(len(unseeded), generator=g, device=g.device if g is not None else "cpu").cpu()
-        for i, r in enumerate(self.active):
+        for i, r in enumerate(rows):
             if r.generator is not None:
                 u[i] = torch.rand(1, generator=r.generator).item()
         tokens = sample_from_logits(logits, self.temperature, self.top_k, self.top_p, u.to(logits.device))
-        if bool(self.greedy.any()):
+        if self.any_greedy:
             tokens = torch.where(self.greedy, logits.argmax(dim=-1), tokens)
         return tokens.cpu()
 
-    def _accept(self, r: _Row, t: int) -> Event:
+    def _accept(self, i: int, r: _Row, t: int) -> Event:
         r.tokens.append(t)
         if self.seen is not None:
-            self.seen[self.active.index(r), t] = True
+            self.seen[i, t] = True
         if t in r.stop_ids:
             r.tokens.pop()  # the stop token is not part of the text
             r.finished, r.finish_reason = True, "stop"
@@ -429,7 +520,7 @@ class Generation:
         for _ in self:
             pass
         out = []
-        for r in self.rows:
+        for r in self.rows.values():
             text = r.stream.text if r.stream is not None else ""
             out.append(Completion(text, list(r.tokens), r.finish_reason or "length", len(r.prompt)))
         return out

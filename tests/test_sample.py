@@ -194,6 +194,69 @@ def test_cancel_removes_a_row_and_the_others_go_on():
     assert done[2].token_ids == generate_batch(m, [[5, 6]], sp)[0].token_ids
 
 
+@pytest.mark.parametrize("temperature, fast", [(0.0, False), (0.9, False), (0.0, True), (0.9, True)])
+def test_requests_added_mid_flight_equal_generating_them_alone(temperature, fast):
+    """Continuous batching: rows join a running batch (longer and shorter prompts than the rows
+    already there, several at once), run past the context, get cancelled, and each one still
+    generates what it generates alone."""
+    from gptkit.quantize import quantize_for_inference
+
+    m = tiny_model()  # block_size 48
+    if fast:
+        m = quantize_for_inference(m, "float32")
+
+    def sp(n, seed, **kw):
+        return SamplingParams(max_new_tokens=n, temperature=temperature, top_k=40, top_p=0.9, seed=seed, **kw)
+
+    first = [([5, 6], sp(40, 0)), ([1, 2, 3], sp(6, 1))]
+    joins = {2: [(list(range(10, 22)), sp(10, 2)), ([4], sp(12, 3, repetition_penalty=1.3))],  # two at once
+             4: [(list(range(30, 60)), sp(30, 4))],  # longer than every running row; later past the context
+             9: [([7, 7], sp(5, 5))],
+             25: [([8, 9, 10], sp(8, 6))]}  # while a row is past the context
+    gen = Generation(m, [p for p, _ in first], [s for _, s in first])
+    requests = dict(enumerate(first))
+    tokens: dict[int, list[int]] = {i: [] for i in requests}
+    sizes = []
+    step = 0
+    while not gen.done or gen.pending:
+        for p, s in joins.get(step, []):
+            i = gen.add(p, s)
+            requests[i], tokens[i] = (p, s), []
+        if step == 12:
+            gen.cancel(1)  # already finished: nothing happens
+            gen.cancel(0)  # leaves the batch; the others go on
+        for e in gen.step():
+            if e.token is not None:
+                tokens[e.index].append(e.token)
+        sizes.append(sum(gen.forward_sizes))
+        step += 1
+    assert len(requests) == 7 and max(sizes) >= 4
+    for i, (p, s) in requests.items():
+        c = gen.rows[i]
+        assert c.tokens == tokens[i]
+        alone = generate_batch(m, [p], s)[0].token_ids
+        if i == 0:  # cancelled after 12 tokens
+            assert c.finish_reason == "stop" and c.tokens == alone[:12]
+        else:
+            assert c.tokens == alone, i
+        gen.release(i)
+    assert not gen.rows
+
+
+def test_an_empty_generation_takes_requests_later():
+    m = tiny_model()
+    gen = Generation(m, [], [])
+    assert gen.done and gen.step() == []
+    sp = SamplingParams(max_new_tokens=5, temperature=0)
+    i = gen.add([3, 4], sp)
+    j = gen.add([1], SamplingParams(max_new_tokens=0))
+    with pytest.raises(GptkitError, match="context is 48"):
+        gen.add(list(range(48)), sp)
+    done = gen.completions()
+    assert (i, j) == (0, 1) and done[0].token_ids == generate_batch(m, [[3, 4]], sp)[0].token_ids
+    assert done[1].token_ids == [] and done[1].finish_reason == "length"
+
+
 def test_long_prompt_is_an_error_or_truncated_with_a_warning():
     with pytest.raises(GptkitError, match="context is 16"):
         prepare_prompt(list(range(20)), 16)
