@@ -208,7 +208,7 @@ def _serve(p):
     p.add_argument("--model-name", help="the model's id in the API (default: the model path's base name)")
     p.add_argument("--max-batch", type=int, default=32, help="completions generated at once (default 32)")
     p.add_argument("--queue-size", type=int, default=256, help="requests that may wait; more get 503 (default 256)")
-    p.add_argument("--max-cohorts", type=int, default=4, help="batches run side by side (default 4)")
+    p.add_argument("--max-cohorts", type=int, default=4, help=argparse.SUPPRESS)  # ignored: one batch that requests join
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="gather requests arriving this close together into one batch (default 2)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")

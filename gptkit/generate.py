@@ -8,6 +8,11 @@ text, and beam search.
   a row generates what it would generate alone. Each `step()` feeds one token per row through the
   KV cache and returns `Event`s: the new token, the text it completes, and whether the row finished.
   Finished or cancelled rows leave the batch, so the others go on at the smaller batch's speed.
+- Continuous batching: `Generation.add` queues a request while the batch runs. At the next step it
+  is prefilled (with the other newcomers) and its keys and values are copied into the running
+  cache, right-aligned with the other rows, so it generates what it would generate alone.
+  A row that outgrows the context leaves the cache and is recomputed over its last block_size
+  tokens, on its own, while the others go on through the cache.
 - Text comes out through `TextStream`: incremental UTF-8 decoding (a multi-byte character is
   never split across pieces) plus stop strings matched on the decoded text, so a stop string may
   span tokens. Text that could still be the start of a stop string is held back until it can't.

@@ -9,12 +9,13 @@ Layout (INTERFACES.md, "Server"):
 How requests are served:
 - One `Scheduler` thread owns the model. HTTP handlers tokenize and validate a request, then hand it
   over as a `Job` (one row per prompt x n) and await its events; they never touch the model.
-- The engine (`gptkit.generate.Generation`) runs a fixed set of rows in one batch, one token per row
-  per step; finished and cancelled rows leave that batch. The scheduler keeps up to `max_cohorts`
-  such batches ("cohorts") and steps them in turn, so requests that arrive while a batch is running
-  start in the next cohort at once instead of waiting for the running one to finish (vLLM-style
-  joining of a running batch would need the engine to accept rows mid-flight). Requests that
-  arrive within `batch_wait_s` of each other start together in one cohort.
+- The engine (`gptkit.generate.Generation`) runs one batch, one token per row per step, and the
+  scheduler keeps a single one running for the server's life. A request that arrives while it runs
+  joins it at the next step (continuous batching, as vLLM does): the engine prefills the newcomers
+  and merges their keys and values into the running cache; finished and cancelled rows leave it.
+  When nothing runs, requests arriving within `batch_wait_s` of each other start together.
+- The model is the fp32 inference copy (`gptkit.quantize`, weights transposed for decoding and an
+  lm_head that can compute only the top-k logits), or its bf16/int8 copy with `--dtype`.
 - At most `max_batch` rows run at once; at most `queue_size` requests wait. Past that the server
   answers 503 instead of queueing without limit.
 - Events cross from the scheduler thread to the event loop through `call_soon_threadsafe` into an
@@ -48,10 +49,10 @@ from gptkit.errors import GptkitError
 class ServeConfig:
     """Server limits. Invalid values fail early, naming the CLI option."""
 
-    max_batch: int = 32  # rows (prompts x n) generated at once, over all cohorts
+    max_batch: int = 32  # rows (prompts x n) generated at once
     queue_size: int = 256  # requests waiting for a free row; more get 503
-    max_cohorts: int = 4  # batches stepped in turn (each is one forward per step)
-    batch_wait_s: float = 0.002  # gather requests arriving this close together into one batch
+    max_cohorts: int = 4  # ignored: kept so that old configurations and --max-cohorts still work
+    batch_wait_s: float = 0.002  # when idle, gather requests arriving this close together
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     default_max_tokens: int = 16  # OpenAI's default for /v1/completions
 
@@ -121,26 +122,15 @@ class Job:
     sink: Callable[[Any], None]
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    left: int = 0  # rows still running (scheduler thread)
 
     @property
     def rows(self) -> int:
         return len(self.prompts)
 
 
-class _Cohort:
-    """A running `Generation` and the job row behind each of its indices."""
-
-    def __init__(self, gen, owners: list[tuple[Job, int]]):
-        self.gen = gen
-        self.owners = owners  # generation index -> (job, row in job)
-        self.jobs = list({id(j): j for j, _ in owners}.values())
-
-    def unfinished(self) -> int:
-        return sum(not r.finished for r in self.gen.rows)
-
-
 class Scheduler:
-    """Owns the model; admits jobs from a bounded queue into batches and steps them.
+    """Owns the model; admits jobs from a bounded queue into the one running batch and steps it.
 
     submit() and cancel() may be called from any thread; everything else runs on the scheduler
     thread started by start()."""
@@ -150,18 +140,26 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.config = config or ServeConfig()
         self.waiting: deque[Job] = deque()
-        self.cohorts: list[_Cohort] = []
+        self.gen = self._new_generation()
+        self.owners: dict[int, tuple[Job, int]] = {}  # generation index -> (job, row in job); scheduler thread
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.paused = threading.Event()  # tests: hold admission while requests pile up
         self.paused.set()
-        # statistics (read by /stats)
+        # statistics (read by /stats, under cond)
+        self.running_rows = 0
         self.batch_sizes: Counter[int] = Counter()  # rows in one forward pass -> how many passes
-        self.steps = 0
+        self.step_sizes: Counter[int] = Counter()  # rows given a token in one step -> how many steps
+        self.steps = 0  # forward passes
         self.jobs_done = 0
         self.jobs_rejected = 0
         self.max_waiting = 0
+
+    def _new_generation(self):
+        from gptkit.generate import Generation
+
+        return Generation(self.model, [], [], self.tokenizer)
 
     # -- any thread -------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -200,29 +198,32 @@ class Scheduler:
         with self.cond:
             sizes = dict(sorted(self.batch_sizes.items()))
             return {"batch_sizes": sizes, "max_batch_seen": max(sizes, default=0), "forward_passes": self.steps,
+                    "step_sizes": dict(sorted(self.step_sizes.items())),
                     "requests_done": self.jobs_done, "requests_rejected": self.jobs_rejected,
                     "waiting": len(self.waiting), "max_waiting": self.max_waiting,
-                    "running_rows": sum(c.unfinished() for c in self.cohorts), "cohorts": len(self.cohorts),
-                    "rss_bytes": rss_bytes()}
+                    "running_rows": self.running_rows, "rss_bytes": rss_bytes()}
 
     # -- scheduler thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self.cond:
                 admit = self._admissible_locked()
-                while not self.stopping and not self.cohorts and not admit:
+                while not self.stopping and not self.owners and not admit:
                     self.cond.wait(self._wait_time_locked())
                     admit = self._admissible_locked()
                 if self.stopping:
                     break
             if admit:
-                self._start_cohort(admit)
-            for c in list(self.cohorts):
-                self._step(c)
-        for c in self.cohorts:  # shutting down: tell everyone still running
-            self._fail(c.jobs, RuntimeError("the server shut down"))
+                self._admit(admit)
+            if self.owners:
+                self._step()
+        # shutting down: tell everyone still running or waiting
+        self._fail(self._running_jobs(), RuntimeError("the server shut down"))
         for j in self.waiting:
             self._deliver(j, RuntimeError("the server shut down"))
+
+    def _running_jobs(self) -> list[Job]:
+        return list({id(j): j for j, _ in self.owners.values()}.values())
 
     def _wait_time_locked(self) -> float | None:
         """How long an idle scheduler may sleep: until the gather window of the oldest waiting job ends."""
@@ -235,70 +236,89 @@ class Scheduler:
         """Take the waiting jobs that may start now (FIFO, as many as there are free rows)."""
         while self.waiting and self.waiting[0].cancelled:
             self.waiting.popleft()
-        if not self.waiting or not self.paused.is_set() or len(self.cohorts) >= self.config.max_cohorts:
+        if not self.waiting or not self.paused.is_set():
             return []
-        free = self.config.max_batch - sum(c.unfinished() for c in self.cohorts)
-        want = sum(j.rows for j in self.waiting if not j.cancelled)
-        # wait a moment for requests arriving together, unless they already fill the free rows
-        if want < free and time.monotonic() - self.waiting[0].arrived < self.config.batch_wait_s:
-            return []
+        free = self.config.max_batch - self.running_rows
+        if not self.owners:  # idle: wait a moment for requests arriving together, unless they fill the batch
+            want = sum(j.rows for j in self.waiting if not j.cancelled)
+            if want < free and time.monotonic() - self.waiting[0].arrived < self.config.batch_wait_s:
+                return []
         taken: list[Job] = []
         while self.waiting and self.waiting[0].rows <= free:
             j = self.waiting.popleft()
             if not j.cancelled:
                 taken.append(j)
                 free -= j.rows
+        self.running_rows += sum(j.rows for j in taken)
         return taken
 
-    def _start_cohort(self, jobs: list[Job]) -> None:
-        from gptkit.generate import Generation
-
-        prompts, params, owners = [], [], []
+    def _admit(self, jobs: list[Job]) -> None:
+        """Add the jobs' rows to the running batch; they join it at the next step."""
         for j in jobs:
-            for r in range(j.rows):
-                prompts.append(j.prompts[r])
-                params.append(j.params[r])
-                owners.append((j, r))
-        try:
-            gen = Generation(self.model, prompts, params, self.tokenizer)
-        except Exception as e:  # prompts were checked by the handler; this is a bug, not a user error
-            traceback.print_exc()
-            self._fail(jobs, e)
-            return
-        self.cohorts.append(_Cohort(gen, owners))
+            j.left = j.rows
+            added = []
+            try:
+                for r in range(j.rows):
+                    i = self.gen.add(j.prompts[r], j.params[r])
+                    added.append(i)
+                    self.owners[i] = (j, r)
+            except Exception as e:  # prompts were checked by the handler; this is a bug, not a user error
+                traceback.print_exc()
+                for i in added:
+                    self.gen.cancel(i)
+                    del self.owners[i]
+                with self.cond:
+                    self.running_rows -= j.rows
+                self._deliver(j, e)
 
-    def _step(self, c: _Cohort) -> None:
-        gen = c.gen
-        for i, (j, _) in enumerate(c.owners):
-            if j.cancelled and not gen.rows[i].finished:
-                gen.cancel(i)
+    def _step(self) -> None:
+        gen = self.gen
+        for i, (j, _) in self.owners.items():
+            if j.cancelled:
+                gen.cancel(i)  # nothing happens to a row that already finished
         try:
             events = gen.step()
         except Exception as e:
             traceback.print_exc()
-            self.cohorts.remove(c)
-            self._fail(c.jobs, e)
+            jobs = self._running_jobs()
+            self.gen, self.owners = self._new_generation(), {}
+            with self.cond:
+                self.running_rows = 0
+                self.cond.notify_all()
+            self._fail(jobs, e)
             return
-        rows_run = sum(ev.token is not None for ev in events)
         per_job: dict[int, tuple[Job, list[Update]]] = {}
+        rows_done = jobs_done = 0
         for ev in events:
-            j, r = c.owners[ev.index]
+            owner = self.owners.get(ev.index)
+            if owner is None:  # a row of a job that failed to join
+                if ev.finished:
+                    gen.release(ev.index)
+                continue
+            j, r = owner
             u = Update(r, ev.text, ev.finished, ev.finish_reason)
             if ev.finished:
                 u.completion_tokens = len(gen.rows[ev.index].tokens)
+                gen.release(ev.index)
+                del self.owners[ev.index]
+                rows_done += 1
+                j.left -= 1
+                jobs_done += j.left == 0
             if ev.text or ev.finished:
                 per_job.setdefault(id(j), (j, []))[1].append(u)
         for j, ups in per_job.values():
             if not j.cancelled:
                 self._deliver(j, ups)
-        done = gen.done and not gen.pending
+        rows_run = sum(ev.token is not None for ev in events)
         with self.cond:
-            if rows_run:
-                self.batch_sizes[rows_run] += 1
+            for n in gen.forward_sizes:
+                self.batch_sizes[n] += 1
                 self.steps += 1
-            if done:
-                self.cohorts.remove(c)
-                self.jobs_done += len(c.jobs)
+            if rows_run:
+                self.step_sizes[rows_run] += 1
+            self.running_rows -= rows_done
+            self.jobs_done += jobs_done
+            if rows_done:
                 self.cond.notify_all()
 
     def _fail(self, jobs: list[Job], e: Exception) -> None:
@@ -645,18 +665,20 @@ async def _sse(request, scheduler: Scheduler, job: Job, updates: asyncio.Queue, 
 # building and running a server
 
 def load_for_serving(model_path: str, vocab: str | None = None, device: str = "auto", dtype: str = "float32"):
-    """(model on its device in eval mode, tokenizer, default model name) for `model_path`."""
+    """(model on its device, for inference, tokenizer, default model name) for `model_path`. The
+    model is `quantize_for_inference`'s copy in `dtype`, made in place: for float32 the same values
+    with the weights laid out for fast decoding."""
     from gptkit.loading import load_model
+    from gptkit.quantize import quantize_for_inference
     from gptkit.runtime import pick_device
     from gptkit.tokenizer import tokenizer_for
 
     loaded = load_model(model_path)
     tok = tokenizer_for(loaded, vocab)
     model = loaded.model.to(pick_device(device)).eval()
-    if dtype != "float32":
-        from gptkit.quantize import quantize_for_inference
-
-        model = quantize_for_inference(model, dtype)
+    n_params = model.num_params()
+    model = quantize_for_inference(model, dtype, inplace=True)
+    model.serving_num_params = n_params  # num_params() counts nn.Parameters, which the copy stores as buffers
     name = Path(str(model_path).rstrip("/")).name or str(model_path)
     return model, tok, name
 
@@ -734,7 +756,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     scheduler = Scheduler(model, tok, config).start()
     app = create_app(scheduler, name, api_key)
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} ({model.num_params():,} parameters) on http://{shown}:{port}/v1 "
+    print(f"serving {name} ({model.serving_num_params:,} parameters, {dtype}) on http://{shown}:{port}/v1 "
           f"(max batch {config.max_batch}, queue {config.queue_size}"
           f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     try:

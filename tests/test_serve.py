@@ -260,6 +260,39 @@ def test_requests_arriving_together_run_in_one_batch(server, client):
     assert max(new) == 6  # all six in one forward pass
 
 
+def test_a_request_arriving_mid_generation_joins_the_running_batch(tiny):
+    """Continuous batching: a second request joins the forward passes of one already generating,
+    and both get the text each gets alone."""
+    from gptkit.config import GPTConfig
+    from gptkit.model import GPT
+    from gptkit.quantize import quantize_for_inference
+    from gptkit.serve import Server, ServeConfig
+
+    _, _, tok = tiny
+    torch.manual_seed(1)  # a long context, so that the first request is still in the cache when the second joins
+    model = quantize_for_inference(GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)),
+                                   "float32")
+    with Server(model, tok, NAME, config=ServeConfig(batch_wait_s=0)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        sched = s.scheduler
+        first = c.completions.create(model=NAME, prompt="A long story:", max_tokens=1000, temperature=0, stream=True)
+        it = iter(first)
+        pieces = [next(it).choices[0].text, next(it).choices[0].text]  # it is generating now
+        before = dict(sched.batch_sizes)
+        assert set(before) == {1}  # so far it ran alone
+        second = c.completions.create(model=NAME, prompt="Meanwhile, elsewhere", max_tokens=5, temperature=0)
+        joined = {b: n - before.get(b, 0) for b, n in sched.batch_sizes.items() if n > before.get(b, 0)}
+        assert sched.stats()["running_rows"] == 1  # the first one is still going
+        assert max(joined) == 2  # the second ran in the first one's batch
+        pieces += [ch.choices[0].text for ch in it]
+    assert second.choices[0].text == greedy_reference(model, tok, "Meanwhile, elsewhere", 5)
+    from gptkit.generate import SamplingParams, generate_batch
+
+    alone = generate_batch(model, [tok.encode("A long story:")], SamplingParams(max_new_tokens=1000, temperature=0),
+                           tok)[0]
+    assert "".join(pieces) == alone.text
+
+
 def test_full_queue_answers_503(tiny):
     from gptkit.serve import Server, ServeConfig
 
@@ -296,7 +329,7 @@ def test_a_stalled_stream_does_not_block_others_and_a_dropped_one_frees_its_row(
     r = client.completions.create(model=NAME, prompt="meanwhile", max_tokens=3)
     assert r.usage.completion_tokens == 3 and sched.stats()["running_rows"] == 1
     stream.close()  # the client goes away mid-stream
-    assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.cohorts)
+    assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.owners)
     # a non-streaming request whose client hangs up is dropped too
     body = json.dumps({"prompt": "forever", "max_tokens": 4000}).encode()
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
@@ -304,7 +337,7 @@ def test_a_stalled_stream_does_not_block_others_and_a_dropped_one_frees_its_row(
                      b"Authorization: Bearer " + KEY.encode() + b"\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         assert wait_for(lambda: sched.stats()["running_rows"] == 1)
-    assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.cohorts)
+    assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.owners)
     # and the server still answers
     assert client.completions.create(model=NAME, prompt="still there?", max_tokens=2).choices[0].finish_reason
 
