@@ -51,17 +51,22 @@ def _adamw(params, device_type: str):
 
 def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, dtype: str = "auto",
                 steps: int = 10, warmup: int = 2, compare: list[str] | None = None, compile: bool = False,
-                device: str = "auto", seed: int = 0) -> list[dict]:
+                device: str = "auto", seed: int = 0, attention: str = "auto", param_dtype: str = "auto",
+                threads: int = 0) -> list[dict]:
     """Median training-step time of gptkit (and of each system in `compare`, e.g. ["hf"]).
 
     Returns one dict per system with system, model, batch_size, block_size, dtype, median_step_s,
-    tok_per_s, mfu (plus params, peak_flops, steps, compile)."""
+    tok_per_s, mfu (plus params, peak_flops, steps, compile, threads, and gptkit's attention and
+    weights). gptkit runs as the trainer does: `attention` and `param_dtype` resolve as there;
+    transformers runs with autocast in `dtype` over fp32 weights and the same fused AdamW."""
     import torch
 
     from gptkit.config import MODEL_PRESETS, model_preset
     from gptkit.errors import GptkitError
     from gptkit.model import GPT
-    from gptkit.runtime import autocast, measure_peak_flops, pick_device, pick_dtype, setup_cuda_matmul, synchronize
+    from gptkit.precision import ShadowWeights
+    from gptkit.runtime import (autocast, bf16_weights, measure_peak_flops, pick_device, pick_dtype, resolve_attention,
+                                setup_cuda_matmul, setup_threads, synchronize)
 
     if model not in MODEL_PRESETS:
         raise GptkitError(f"unknown model preset {model!r}", "--model", f"use one of {', '.join(MODEL_PRESETS)}")
@@ -73,8 +78,10 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
         raise GptkitError(f"unknown system(s) to compare: {', '.join(sorted(unknown))}", "--compare", "use hf")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    n_threads = setup_threads(threads)
     setup_cuda_matmul()
-    cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)))
+    cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
+                       attention=resolve_attention(attention, dev, block_size))
     if block_size > cfg.block_size:
         raise GptkitError(f"block size {block_size} exceeds the model's context {cfg.block_size}", "--block-size")
     peak = measure_peak_flops(dev, dt, n=2048)  # the MFU denominator, measured now, in this run's dtype
@@ -92,7 +99,7 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
         return {"system": system, "model": model, "batch_size": batch_size, "block_size": block_size,
                 "dtype": dtype_name, "median_step_s": round(med, 6), "tok_per_s": round(tok_s, 1),
                 "mfu": round(flops_per_tok * tok_s / peak, 4), "params": n_params, "peak_flops": round(peak),
-                "steps": len(times), "compile": compile}
+                "steps": len(times), "compile": compile, "threads": n_threads}
 
     # gptkit
     torch.manual_seed(seed)
@@ -100,17 +107,25 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
     n_params = net.num_params()
     flops_per_tok = net.flops_per_token(block_size)
     opt = _adamw(net.parameters(), dev.type)
-    fwd = torch.compile(net) if compile else net
+    shadow = ShadowWeights(net, torch.bfloat16) if bf16_weights(param_dtype, dt, dev) else None
+    fwd = shadow.module if shadow else net
+    fwd = torch.compile(fwd) if compile else fwd
 
     def gptkit_step():
         with autocast(dev, dt):
             _, loss = fwd(x, y)
         loss.backward()
+        if shadow:
+            shadow.grads_to_master()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if shadow:
+            shadow.pull()
 
-    results.append(record("gptkit", _step_times(gptkit_step, steps, warmup, sync), n_params))
-    del net, opt, fwd
+    row = record("gptkit", _step_times(gptkit_step, steps, warmup, sync), n_params)
+    row.update(attention=cfg.attention, weights="bf16 + fp32 master" if shadow else "fp32")
+    results.append(row)
+    del net, opt, fwd, shadow
     gc.collect()
 
     if "hf" in (compare or []):
@@ -120,7 +135,8 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
             raise GptkitError("transformers is not installed", "--compare hf", "pip install transformers") from None
         hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                        n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                       eos_token_id=None)
         torch.manual_seed(seed)
         hf = transformers.GPT2LMHeadModel(hcfg).to(dev)
         hf.train()
@@ -149,6 +165,9 @@ def _train_args(p):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--device", default="auto")
+    p.add_argument("--attention", default="auto", help="gptkit's attention backend (auto: as the trainer)")
+    p.add_argument("--param-dtype", default="auto", help="gptkit's weights: auto, float32 or bfloat16 (fp32 master)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, as the trainer)")
     p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
                    help="also time this system in the same run: hf (transformers)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -156,7 +175,7 @@ def _train_args(p):
 
 def _run_train(a) -> None:
     rows = bench_train(a.model, a.batch_size, a.block_size, a.dtype, a.steps, a.warmup, a.compare, a.compile,
-                       a.device)
+                       a.device, attention=a.attention, param_dtype=a.param_dtype, threads=a.threads)
     print_rows(rows, a.json, ["system", "model", "batch_size", "block_size", "dtype", "median_step_s", "tok_per_s",
                               "mfu"])
     if not a.json and len(rows) > 1:

@@ -85,7 +85,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # small models for the CPU
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
     "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
-    "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
+    # the main job's model: on 2 CPU cores 2 layers beat nanoGPT's 4 (and 3) at a 40 s and a 110 s budget
+    "shakespeare-char": dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=65),
 }
 
 

@@ -27,7 +27,7 @@ from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.optim import lr_at, make_adamw
 from gptkit.runtime import (DTYPES, Dist, autocast, measure_peak_flops, pick_dtype, setup_cuda_matmul, setup_distributed,
-                            process_start_time, setup_threads, synchronize)
+                            bf16_weights, process_start_time, resolve_attention, setup_threads, synchronize)
 
 PROCESS_START = process_start_time()  # wall time is counted from the process start (before imports)
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # `--config NAME.toml` finds these by name  # wall time is counted from the process start, evals included
@@ -193,9 +193,7 @@ class Trainer:
         if not self.dist.is_main:
             self.log = lambda *a, **k: None
         self.threads = setup_threads(cfg.threads)
-        self.attention = cfg.attention
-        if cfg.attention == "auto":  # at short contexts PyTorch's CPU sdpa backward is slower than plain math
-            self.attention = "math" if self.device.type == "cpu" and cfg.block_size <= 128 else "sdpa"
+        self.attention = resolve_attention(cfg.attention, self.device, cfg.block_size)
         setup_cuda_matmul()
         self.dtype = pick_dtype(cfg.dtype, self.device)
         if cfg.grad_accum % self.dist.world_size:
@@ -320,10 +318,7 @@ class Trainer:
 
         train_model = model
         shadow = None
-        bf16_weights = cfg.param_dtype in ("bfloat16", "bf16") or (
-            cfg.param_dtype == "auto" and self.dtype == torch.bfloat16 and self.device.type == "cpu"
-            and not dist.enabled)
-        if bf16_weights:  # bf16 weights compute, fp32 master weights update
+        if bf16_weights(cfg.param_dtype, self.dtype, self.device, dist.enabled):  # fp32 master weights update
             if dist.enabled:
                 raise GptkitError("param_dtype=bfloat16 runs in a single process", "param_dtype",
                                   "use param_dtype=float32 with torchrun")
@@ -569,7 +564,7 @@ class _TimeBudget:
     def reserve(self) -> float:
         """Seconds kept for the final eval, checkpoint and sample."""
         per_tok = self.eval_s_per_tok or (self.train_s_per_tok or 0.0) / 2.0
-        return 1.2 * per_tok * self.val_tokens + 0.5
+        return 1.2 * per_tok * self.val_tokens + 1.0
 
     def tick(self, step: int, warmup_steps: int, tokens_per_step: int) -> None:
         now = time.time()
