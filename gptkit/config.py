@@ -108,7 +108,7 @@ class TrainConfig:
     model: str = "shakespeare-char"  # architecture preset, or a path whose config is used
     init: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | PATH
     # batch
-    batch_size: int = 8  # B, micro-batch per process
+    batch_size: int = 16  # B, micro-batch per process
     block_size: int = 64  # T, sequence length (<= the model's block_size)
     grad_accum: int = 1
     # optimisation
@@ -124,7 +124,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
     # eval, samples, checkpoints, logs
-    eval_interval: int = 500  # 0 = only at the end
+    eval_interval: int = 1000  # 0 = only at the end
     eval_batches: int = 10  # batches per periodic val estimate; the final eval covers the whole split
     final_eval: bool = True  # loss over the whole val split at the end
     sample_interval: int = 0  # 0 = only at the end
