@@ -354,6 +354,7 @@ class Trainer:
         t_start = time.time()
         budget = _TimeBudget(cfg.max_time, PROCESS_START, sum(len(s) for s in val_loader.shards))
         tokens_seen = step * tokens_per_step
+        best_tok_s = 0.0
         last_log_t, last_log_step = time.time(), step
         train_loss = None
         skipped = 0
@@ -425,6 +426,12 @@ class Trainer:
                     tok_s = (step - last_log_step) * tokens_per_step / dt
                     mfu = flops_per_step * (step - last_log_step) / dt / peak
                     last_log_t, last_log_step = now, step
+                    if cfg.threads == 0 and self.threads > 1 and self.device.type == "cpu":
+                        # other work took our cores mid-run: a thread team sharing them stalls
+                        best_tok_s = max(best_tok_s, tok_s)
+                        if tok_s < 0.5 * best_tok_s:
+                            self.threads = setup_threads(1)
+                            say(f"step {step}: throughput halved (cores busy elsewhere); now 1 thread")
                     rec = {"step": step, "tokens": tokens_seen, "elapsed_s": round(now - t_start, 3),
                            "train_loss": train_loss, "lr": lr, "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
                     if skipped:

@@ -261,3 +261,17 @@ def test_bench_rejects_unknown_compare_system():
     from gptkit.cli import main
 
     assert main(["bench", "train", "--model", "gpt2-tiny", "--compare", "llmc"]) == 2
+
+
+def test_busy_cores_sees_another_process_spinning():
+    from gptkit.runtime import _busy_cores
+
+    if not Path("/proc/stat").exists():
+        pytest.skip("needs Linux's /proc/stat")
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert _busy_cores(0.3) >= 0.5
+    finally:
+        spin.kill()
+        spin.wait()
