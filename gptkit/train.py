@@ -562,11 +562,10 @@ class _TimeBudget:
         self.val_tokens = val_tokens
         self.ratio = 0.0  # fraction of the budget spent since the warmup ended
         self.t_warm = None  # time at which the warmup ended
-        self.t0 = time.time()
-        self.step0 = None
-        self.train_s_per_tok = None
+        self.last_t, self.last_step, self.ticks = None, 0, 0
+        self.train_s_per_tok = None  # a running average that skips the first steps (compilation, warm-up)
         self.eval_s_per_tok = None
-        self.eval_total_s = 0.0
+        self.eval_since = 0.0  # eval time since the last tick
 
     def reserve(self) -> float:
         """Seconds kept for the final eval, checkpoint and sample."""
@@ -575,10 +574,13 @@ class _TimeBudget:
 
     def tick(self, step: int, warmup_steps: int, tokens_per_step: int) -> None:
         now = time.time()
-        if self.step0 is None:
-            self.step0, self.t0 = step, now
-        elif step > self.step0:
-            self.train_s_per_tok = (now - self.t0 - self.eval_total_s) / ((step - self.step0) * tokens_per_step)
+        if self.last_t is not None and step > self.last_step:
+            per_tok = (now - self.last_t - self.eval_since) / ((step - self.last_step) * tokens_per_step)
+            self.ticks += 1
+            if self.ticks > 2:
+                prev = self.train_s_per_tok
+                self.train_s_per_tok = per_tok if prev is None else 0.95 * prev + 0.05 * per_tok
+        self.last_t, self.last_step, self.eval_since = now, step, 0.0
         if step < warmup_steps:
             return
         if self.t_warm is None:
@@ -594,7 +596,7 @@ class _TimeBudget:
         t = time.time()
         yield
         dt = time.time() - t
-        self.eval_total_s += dt
+        self.eval_since += dt
         self.eval_s_per_tok = dt / max(tokens, 1)
 
 

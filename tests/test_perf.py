@@ -169,7 +169,7 @@ def char_data(tmp_path):
 def _cfg(data, out, **kw):
     base = dict(data=str(data), out=str(out), n_layer=1, n_head=2, n_embd=16, batch_size=4, block_size=16,
                 max_steps=6, warmup_steps=2, eval_interval=0, log_interval=1, sample_tokens=10,
-                progress=False, dtype="float32")
+                progress=False, dtype="float32", max_time=0)
     base.update(kw)
     return resolve_config(None, {k: str(v) for k, v in base.items()})
 
