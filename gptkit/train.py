@@ -30,7 +30,7 @@ from gptkit.runtime import (DTYPES, Dist, autocast, measure_peak_flops, pick_dty
                             bf16_weights, process_start_time, resolve_attention, setup_threads, synchronize)
 
 PROCESS_START = process_start_time()  # wall time is counted from the process start (before imports)
-BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # `--config NAME.toml` finds these by name  # wall time is counted from the process start, evals included
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # `--config NAME.toml` finds these by name
 
 # model keys that a `key=value` may set; block_size/dropout/attention are TrainConfig fields
 MODEL_ONLY_KEYS = {k: f for k, f in MODEL_KEYS.items() if k not in TRAIN_KEYS}
