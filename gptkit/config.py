@@ -113,7 +113,9 @@ class TrainConfig:
     grad_accum: int = 1
     # optimisation
     max_steps: int = 20000  # with max_time, a cap; the time budget usually ends the run first
-    max_time: float = 110.0  # wall-clock budget in s from the process start, final eval included (0 = off)
+    # wall-clock budget in s from the process start, final eval included (0 = off); the main job's
+    # 110 s; a config or command line that sets max_steps without max_time turns it off
+    max_time: float = 110.0
     lr: float = 6e-3
     min_lr: float = 6e-4
     warmup_steps: int = 50

@@ -121,6 +121,9 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
             model_vals[k] = coerce_value(k, v, int)
         else:
             put(k, v, f"{k}={v}")
+    if "max_steps" in train_vals and "max_time" not in train_vals:
+        # the 110 s budget belongs to the main job; a run that names its length trains exactly that long
+        train_vals["max_time"] = 0.0
     return TrainConfig(**train_vals), model_vals
 
 

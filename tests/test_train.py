@@ -96,6 +96,16 @@ def test_toml_config_with_model_table_and_overrides(tmp_path):
         resolve_config(f, {})
 
 
+def test_naming_max_steps_turns_the_main_jobs_time_budget_off(tmp_path):
+    assert TrainConfig().max_time == 110.0
+    assert resolve_config(None, {})[0].max_time == 110.0
+    assert resolve_config(None, {"max_steps": "50"})[0].max_time == 0.0
+    assert resolve_config(None, {"max_steps": "50", "max_time": "30"})[0].max_time == 30.0
+    f = tmp_path / "c.toml"
+    f.write_text("max_steps = 50\n")
+    assert resolve_config(f, {})[0].max_time == 0.0
+
+
 def test_lr_schedule_warms_up_then_decays_to_min():
     lrs = [lr_at(s, 1.0, 0.1, 10, 100) for s in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
