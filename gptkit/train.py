@@ -641,7 +641,7 @@ def config_help() -> str:
 def evaluate_model(model_path: str, data_dir: str, split: str = "val", batch_size: int = 16,
                    block_size: int | None = None, device: str = "auto", dtype: str = "float32") -> tuple[float, int]:
     """`gptkit eval`: (mean loss, tokens) of a model over a whole split of a prepared data directory."""
-    from gptkit.data import split_files
+    from gptkit.data import SplitTokens, check_vocab, split_files
     from gptkit.loading import load_model
     from gptkit.runtime import pick_device
 
@@ -659,4 +659,7 @@ def evaluate_model(model_path: str, data_dir: str, split: str = "val", batch_siz
     if meta.get("vocab_size", 0) > model.config.vocab_size:
         raise GptkitError(f"data vocab {meta['vocab_size']} exceeds the model's {model.config.vocab_size}",
                           data_dir, "evaluate on data prepared with the model's tokenizer")
+    if "vocab_size" not in meta:  # e.g. llm.c's own shards: scan the ids instead
+        toks = SplitTokens(data_dir, split)
+        check_vocab(data_dir, toks.files, toks.shards, model.config.vocab_size)
     return evaluate(model, Path(data_dir), T, batch_size, dev, dt, split=split, progress=True)

@@ -118,3 +118,19 @@ def test_train_gpt2_tokens_end_to_end_then_eval(tmp_path, gpt2_data, capsys):
     assert main(["eval", "--model", str(run), "--data", str(gpt2_data)]) == 0
     loss, ppl, n = parse_eval(capsys.readouterr().out)
     assert 0 < loss < math.log(50257) + 1 and n == json.loads((gpt2_data / "meta.json").read_text())["val_tokens"] - 1
+
+
+def test_eval_data_without_meta_json_checks_token_ids_against_the_model(tmp_path, capsys):
+    """llm.c's own shards come without meta.json: ids beyond the model's vocab are a one-line error,
+    not an IndexError from the embedding."""
+    from gptkit.data import write_shard
+
+    hf_dir = tmp_path / "hf"
+    make_hf_model(hf_dir)  # vocab 320
+    data = tmp_path / "llmc-shards"
+    data.mkdir()
+    write_shard(data / "val.bin", np.arange(0, 2000, 7, dtype=np.uint16))  # ids up to 1995 > 320
+    capsys.readouterr()
+    assert main(["eval", "--model", str(hf_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "vocab" in err and "\n" not in err, err
