@@ -155,7 +155,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
             full_state["optimizer"] = meta
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(full_state, f, indent=1)
+        mask = _umask()  # mkdtemp makes the directory 0700: the checkpoint follows the umask instead
+        os.chmod(tmp, 0o777 & ~mask)
         for p in tmp.iterdir():  # flush file contents before the rename makes them visible
+            os.chmod(p, 0o666 & ~mask)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         if final.exists():  # re-saving a step: move the old one aside only now the new one is complete
@@ -179,6 +182,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:

@@ -136,3 +136,20 @@ def test_clean_partial_removes_temporaries_and_restores_a_checkpoint_moved_aside
     ck.clean_partial(run)
     assert [p.name for p in run.iterdir()] == ["ckpt_00000005"]
     ck.load_checkpoint_model(run / "ckpt_00000005")
+
+
+def test_checkpoint_directory_gets_the_umask_permissions_not_mkdtemp_0700(tmp_path):
+    """The temporary directory behind the atomic write is 0700; the checkpoint a teammate reads
+    must follow the umask like any other directory the run writes."""
+    import os
+    import stat
+
+    m, opt, names = _trained()
+    old = os.umask(0o022)
+    try:
+        path = ck.save_checkpoint(tmp_path / "run", 2, m, _state(m), opt, names)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    for f in path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
