@@ -72,7 +72,7 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
         raise GptkitError(f"unknown model preset {model!r}", "--model", f"use one of {', '.join(MODEL_PRESETS)}")
     for name, v in (("--batch-size", batch_size), ("--block-size", block_size), ("--steps", steps)):
         if v <= 0:
-            raise GptkitError(f"must be > 0, got {v}", name)
+            raise GptkitError(f"must be > 0, got {v}", name, "give a positive value")
     unknown = set(compare or []) - {"hf"}
     if unknown:
         raise GptkitError(f"unknown system(s) to compare: {', '.join(sorted(unknown))}", "--compare", "use hf")
@@ -83,7 +83,8 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
     cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
                        attention=resolve_attention(attention, dev, block_size))
     if block_size > cfg.block_size:
-        raise GptkitError(f"block size {block_size} exceeds the model's context {cfg.block_size}", "--block-size")
+        raise GptkitError(f"block size {block_size} exceeds the model's context {cfg.block_size}", "--block-size",
+                          "use a smaller --block-size")
     peak = measure_peak_flops(dev, dt, n=2048)  # the MFU denominator, measured now, in this run's dtype
     sync = lambda: synchronize(dev)  # noqa: E731
     g = torch.Generator().manual_seed(seed)
@@ -332,7 +333,8 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
     if compare not in (None, "hf"):
         raise GptkitError(f"unknown comparison {compare!r}", "--compare", "use --compare hf")
     if new_tokens < 1 or prompt_tokens < 1 or repeats < 1 or any(b < 1 for b in batches):
-        raise GptkitError("batch sizes, token counts and repeats must be >= 1", "bench generate")
+        raise GptkitError("batch sizes, token counts and repeats must be >= 1", "bench generate",
+                          "give positive values")
     dtypes = [normalize_dtype(d) for d in dtypes]
     if threads:
         torch.set_num_threads(threads)
@@ -345,7 +347,7 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
         model, name = GPT(model_preset("gpt2")).eval(), "gpt2 (random weights)"
     if prompt_tokens + new_tokens > model.config.block_size:
         raise GptkitError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceed the context "
-                          f"{model.config.block_size}", "--new-tokens")
+                          f"{model.config.block_size}", "--new-tokens", "use fewer --prompt-tokens or --new-tokens")
     variants = {d: quantize_for_inference(model, d) for d in dtypes}
     hf = _hf_model_from(model) if compare == "hf" else None
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -413,7 +415,7 @@ def _int_list(s: str, opt: str) -> list[int]:
     try:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise GptkitError(f"expected comma-separated integers, got {s!r}", opt) from None
+        raise GptkitError(f"expected comma-separated integers, got {s!r}", opt, "e.g. 1,16") from None
 
 
 def _run_generate(a) -> int:

@@ -256,7 +256,8 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise GptkitError(f"unreadable checkpoint state: {e}", ckpt / STATE_FILE,
                           "the checkpoint is damaged; use an older ckpt_* directory") from None
     if not isinstance(state, dict) or state.get("format") != "gptkit-checkpoint":
-        raise GptkitError("not a gptkit checkpoint state", ckpt / STATE_FILE)
+        raise GptkitError("not a gptkit checkpoint state", ckpt / STATE_FILE,
+                          "give a directory written by `gptkit train` or `gptkit convert --to gptkit`")
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise GptkitError(f"checkpoint format version {state['format_version']} is newer than this gptkit "
                           f"reads ({FORMAT_VERSION})", ckpt / STATE_FILE, "upgrade gptkit")
@@ -267,11 +268,13 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not file.is_file():
-        raise GptkitError("missing checkpoint file", file, "the checkpoint is incomplete; use an older ckpt_* directory")
+        raise GptkitError("missing checkpoint file", file,
+                          "the checkpoint is incomplete; use an older ckpt_* directory")
     try:
         return load_file(str(file))
     except Exception as e:
-        raise GptkitError(f"unreadable tensors: {e}", file, "the checkpoint is damaged; use an older ckpt_* directory") from None
+        raise GptkitError(f"unreadable tensors: {e}", file,
+                          "the checkpoint is damaged; use an older ckpt_* directory") from None
 
 
 def load_checkpoint_model(ckpt: Path):
@@ -282,12 +285,14 @@ def load_checkpoint_model(ckpt: Path):
     ckpt = Path(ckpt)
     state = read_state(ckpt)
     if "model_config" not in state:
-        raise GptkitError("checkpoint state has no model_config", ckpt / STATE_FILE)
+        raise GptkitError("checkpoint state has no model_config", ckpt / STATE_FILE,
+                          "the checkpoint is damaged; use an older ckpt_* directory")
     config = GPTConfig.from_dict(state["model_config"])
     sd = read_tensors(ckpt / MODEL_FILE)
     sd["lm_head.weight"] = sd.get("transformer.wte.weight")
     if sd["lm_head.weight"] is None:
-        raise GptkitError("no token embedding in the checkpoint", ckpt / MODEL_FILE)
+        raise GptkitError("no token embedding in the checkpoint", ckpt / MODEL_FILE,
+                          "the checkpoint is damaged; use an older ckpt_* directory")
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise GptkitError(f"tensor {k} holds NaN or inf", ckpt / MODEL_FILE,

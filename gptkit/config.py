@@ -50,7 +50,8 @@ class GPTConfig:
             raise GptkitError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
                               "n_embd", "choose n_embd as a multiple of n_head")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise GptkitError(f"dropout must be in [0, 1), got {self.dropout!r}", "dropout")
+            raise GptkitError(f"dropout must be in [0, 1), got {self.dropout!r}", "dropout",
+                              "set dropout to a value in [0, 1)")
         if self.attention not in ATTENTION_BACKENDS:
             raise GptkitError(f"unknown attention backend {self.attention!r}", "attention",
                               f"use one of {', '.join(ATTENTION_BACKENDS)}")
@@ -169,14 +170,15 @@ class TrainConfig:
         for name in nonneg:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise GptkitError(f"{name} must be a non-negative integer, got {v!r}", name)
+                raise GptkitError(f"{name} must be a non-negative integer, got {v!r}", name, "set it to 0 or more")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise GptkitError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}", "lr")
+            raise GptkitError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}", "lr",
+                              "set lr > 0 and min_lr between 0 and lr")
         if self.sample_temperature < 0 or self.sample_top_k < 0 or not 0 < self.sample_top_p <= 1:
             raise GptkitError("need sample_temperature >= 0, sample_top_k >= 0 and 0 < sample_top_p <= 1",
-                              "sample_temperature")
+                              "sample_temperature", "fix the sample_* values")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise GptkitError("weight_decay and grad_clip must be >= 0", "weight_decay")
+            raise GptkitError("weight_decay and grad_clip must be >= 0", "weight_decay", "set them to 0 or more")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise GptkitError(f"unknown dtype {self.dtype!r}", "dtype", "use auto, float32, bfloat16 or float16")
         if self.optim_dtype not in ("float32", "bfloat16", "fp32", "bf16"):
@@ -184,7 +186,8 @@ class TrainConfig:
         if self.param_dtype not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
             raise GptkitError(f"unknown param_dtype {self.param_dtype!r}", "param_dtype", "use float32 or bfloat16")
         if not self.max_time >= 0:
-            raise GptkitError(f"max_time must be >= 0 seconds, got {self.max_time!r}", "max_time")
+            raise GptkitError(f"max_time must be >= 0 seconds, got {self.max_time!r}", "max_time",
+                              "set max_time=0 for no time limit")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             raise GptkitError(f"unknown device {self.device!r}", "device", "use auto, cpu, cuda[:N] or mps")
         if self.attention not in ATTENTION_BACKENDS + ("auto",):
@@ -192,7 +195,8 @@ class TrainConfig:
                               f"use auto or one of {', '.join(ATTENTION_BACKENDS)}")
         unknown = [x for x in self.loggers.split(",") if x.strip() and x.strip() not in ("tensorboard", "wandb")]
         if unknown:
-            raise GptkitError(f"unknown logger {unknown[0]!r}", "loggers", "use tensorboard, wandb or both (comma-separated)")
+            raise GptkitError(f"unknown logger {unknown[0]!r}", "loggers",
+                              "use tensorboard, wandb or both (comma-separated)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,7 +213,8 @@ def coerce_value(key: str, raw: Any, typ: Any) -> Any:
         if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
             return float(raw)
         if typ is not bool and isinstance(raw, bool) or not isinstance(raw, typ):
-            raise GptkitError(f"{key} must be {typ.__name__}, got {raw!r}", key)
+            raise GptkitError(f"{key} must be {typ.__name__}, got {raw!r}", key,
+                              "write it as key=value with a value of that type")
         return raw
     try:
         if typ is bool:

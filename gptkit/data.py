@@ -76,7 +76,7 @@ def read_header(path: str | Path) -> int:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
     except OSError as e:
-        raise GptkitError(f"cannot read shard: {e.strerror}", path) from None
+        raise GptkitError(f"cannot read shard: {e.strerror}", path, "check the path and its permissions") from None
     if len(raw) < HEADER_BYTES:
         raise GptkitError(f"shard is truncated: {size} bytes, the header alone is {HEADER_BYTES}", path,
                           "re-run `gptkit prepare`")
@@ -85,7 +85,8 @@ def read_header(path: str | Path) -> int:
         raise GptkitError(f"bad magic {header[0]}, expected {SHARD_MAGIC}", path,
                           "not an llm.c token shard; re-run `gptkit prepare`")
     if header[1] != SHARD_VERSION:
-        raise GptkitError(f"unsupported shard version {header[1]}, expected {SHARD_VERSION}", path)
+        raise GptkitError(f"unsupported shard version {header[1]}, expected {SHARD_VERSION}", path,
+                          "re-run `gptkit prepare`")
     ntok = int(header[2])
     if size != HEADER_BYTES + 2 * ntok:
         raise GptkitError(f"size mismatch: header says {ntok} tokens ({HEADER_BYTES + 2 * ntok} bytes), "
@@ -172,7 +173,8 @@ class TokenLoader:
                               "resume with the data the run was started on")
         shard, pos = int(st["shard"]), int(st["pos"])
         if not 0 <= shard < len(self.shards):
-            raise GptkitError(f"saved loader state points at shard {shard}, the split has {len(self.shards)}", "loader")
+            raise GptkitError(f"saved loader state points at shard {shard}, the split has {len(self.shards)}", "loader",
+                              "resume with the data the run was started on")
         self.step, self.shard_idx, self.pos = int(st["step"]), shard, pos
 
     def _window(self, shard: int, start: int) -> np.ndarray:

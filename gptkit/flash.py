@@ -373,9 +373,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offs
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"flash_attention: bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if block_q <= 0 or block_k <= 0:
-        raise GptkitError(f"block_q and block_k must be positive, got {block_q}, {block_k}", "block_q/block_k")
+        raise GptkitError(f"block_q and block_k must be positive, got {block_q}, {block_k}", "block_q/block_k",
+                          "use positive block sizes")
     if not 0.0 <= dropout_p < 1.0:
-        raise GptkitError(f"dropout must be in [0, 1), got {dropout_p}", "dropout")
+        raise GptkitError(f"dropout must be in [0, 1), got {dropout_p}", "dropout", "set dropout to a value in [0, 1)")
     dev = q.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)

@@ -65,13 +65,15 @@ class SamplingParams:
         """Raise GptkitError naming the bad field (or its CLI option, through option_names)."""
         name = lambda f: (option_names or {}).get(f, f)  # noqa: E731
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise GptkitError(f"must be an integer >= 0, got {self.max_new_tokens!r}", name("max_new_tokens"))
+            raise GptkitError(f"must be an integer >= 0, got {self.max_new_tokens!r}", name("max_new_tokens"),
+                              "give a whole number of tokens")
         if not self.temperature >= 0:
             raise GptkitError(f"must be >= 0, got {self.temperature}", name("temperature"), "0 means greedy")
         if self.top_k is not None and self.top_k < 0:
-            raise GptkitError(f"must be > 0, got {self.top_k}", name("top_k"))
+            raise GptkitError(f"must be > 0, got {self.top_k}", name("top_k"), "give a positive top-k, or leave it out")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GptkitError(f"must be in (0, 1], got {self.top_p}", name("top_p"))
+            raise GptkitError(f"must be in (0, 1], got {self.top_p}", name("top_p"),
+                              "give a probability mass such as 0.95, or 1 to turn it off")
         if not self.repetition_penalty > 0:
             raise GptkitError(f"must be > 0, got {self.repetition_penalty}", name("repetition_penalty"),
                               "1.0 means no penalty")
@@ -571,7 +573,7 @@ def beam_search(model: GPT, prompt: Sequence[int], num_beams: int, max_new_token
     beam can beat the worst finished one at its current length; "never" assumes the longest length."""
     if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
         raise GptkitError(f"need 1 <= num_return_sequences ({num_return_sequences}) <= num_beams ({num_beams})",
-                          "num_beams")
+                          "num_beams", "raise num_beams or lower num_return_sequences")
     cfg = model.config
     dev = model.transformer.wte.weight.device
     prompt = list(prompt)

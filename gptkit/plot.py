@@ -27,7 +27,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                           "plot after the first logged step")
     out = Path(out) if out else run_dir / "loss.png"
     if out.suffix.lower() != ".png":
-        raise GptkitError(f"the output must be a .png file, got {out.name!r}", "--out")
+        raise GptkitError(f"the output must be a .png file, got {out.name!r}", "--out",
+                          "name the output file like loss.png")
     try:
         import matplotlib
     except ImportError:

@@ -95,7 +95,7 @@ def read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise GptkitError(f"cannot read: {e.strerror}", path) from None
+        raise GptkitError(f"cannot read: {e.strerror}", path, "check the path and its permissions") from None
     _check_raw(raw, path, 0)
     try:
         return raw.decode("utf-8")
@@ -130,7 +130,7 @@ def iter_text(path: Path, chunk_bytes: int = CHUNK_BYTES, progress=None):
                 if final:
                     return
     except OSError as e:
-        raise GptkitError(f"cannot read: {e.strerror}", path) from None
+        raise GptkitError(f"cannot read: {e.strerror}", path, "check the path and its permissions") from None
 
 
 def bpe_pieces(chunks, min_chars: int = 1 << 16):
@@ -258,9 +258,10 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
     from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
     if shard_size <= 0:
-        raise GptkitError(f"shard size must be positive, got {shard_size}", "--shard-size")
+        raise GptkitError(f"shard size must be positive, got {shard_size}", "--shard-size",
+                          "give a positive number of tokens per shard")
     if not 0.0 < val_fraction < 1.0:
-        raise GptkitError(f"val fraction must be in (0, 1), got {val_fraction}", "--val-fraction")
+        raise GptkitError(f"val fraction must be in (0, 1), got {val_fraction}", "--val-fraction", "e.g. 0.1")
     if source in PRESETS:
         kind = tokenizer or ("char" if source == "shakespeare-char" else "gpt2")
         src_path = shakespeare_text_path(input)

@@ -187,9 +187,9 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
     SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p).validate(
         OPTION_NAMES)
     if top_k is not None and top_k <= 0:
-        raise GptkitError(f"must be > 0, got {top_k}", "--top-k")
+        raise GptkitError(f"must be > 0, got {top_k}", "--top-k", "give a positive top-k, or leave it out")
     if num_samples < 1:
-        raise GptkitError(f"must be >= 1, got {num_samples}", "--num-samples")
+        raise GptkitError(f"must be >= 1, got {num_samples}", "--num-samples", "ask for at least one sample")
 
 
 OPTION_NAMES = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -221,7 +221,7 @@ def run_sample(model_path: str, prompt: str = "", max_new_tokens: int = 200, tem
                         repetition_penalty=repetition_penalty, stop=tuple(stop or ()))
     sp.validate(OPTION_NAMES)
     if num_beams < 1:
-        raise GptkitError(f"must be >= 1, got {num_beams}", "--num-beams")
+        raise GptkitError(f"must be >= 1, got {num_beams}", "--num-beams", "use 1 for no beam search")
     if num_beams > 1 and num_samples > num_beams:
         raise GptkitError(f"--num-samples {num_samples} is more than --num-beams {num_beams}", "--num-samples",
                           "beam search returns at most num_beams sequences")

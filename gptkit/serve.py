@@ -61,9 +61,10 @@ class ServeConfig:
                           ("max_cohorts", "--max-cohorts"), ("max_tokens_limit", "--max-tokens-limit")):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GptkitError(f"must be an integer >= 1, got {v!r}", opt)
+                raise GptkitError(f"must be an integer >= 1, got {v!r}", opt, "give a positive whole number")
         if not self.batch_wait_s >= 0:
-            raise GptkitError(f"must be >= 0, got {self.batch_wait_s!r}", "--batch-wait-ms")
+            raise GptkitError(f"must be >= 0, got {self.batch_wait_s!r}", "--batch-wait-ms",
+                              "give 0 or more milliseconds")
 
 
 MAX_BODY = 4 << 20  # bytes of JSON a request may send
@@ -743,7 +744,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     config = config or ServeConfig()
     if not 0 <= port <= 65535:
-        raise GptkitError(f"must be in 0..65535, got {port}", "--port")
+        raise GptkitError(f"must be in 0..65535, got {port}", "--port", "pick a free port, e.g. 8000")
     if api_key is not None and not api_key.strip():
         raise GptkitError("the API key is empty", "--api-key", "give a non-empty key or leave the option out")
     if threads < 0:

@@ -33,7 +33,7 @@ class CharTokenizer:
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         if len(self.stoi) != len(self.chars):
-            raise GptkitError("char vocabulary has duplicate characters", "chars")
+            raise GptkitError("char vocabulary has duplicate characters", "chars", "each character may appear once")
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -128,7 +128,7 @@ def ranks_from_encoder_merges(encoder: dict[str, int], merges: list, source: str
             raise GptkitError(f"bad merge line {m!r}", source, "expected two tokens separated by one space")
         tok = to_bytes(pair[0]) + to_bytes(pair[1])
         if tok in ranks:
-            raise GptkitError(f"merge {m!r} repeats token {tok!r}", source)
+            raise GptkitError(f"merge {m!r} repeats token {tok!r}", source, "the merges file is damaged")
         ranks[tok] = len(ranks)
     ids = {to_bytes(k): v for k, v in encoder.items() if k not in (EOT_TEXT, "<|startoftext|>")}
     if ids != ranks:
@@ -136,7 +136,8 @@ def ranks_from_encoder_merges(encoder: dict[str, int], merges: list, source: str
         raise GptkitError(f"the id table and the merges disagree (token {bad!r}: id {ids.get(bad)}, "
                           f"merge rank {ranks.get(bad)})", source, "the two files must come from the same vocabulary")
     if encoder.get(EOT_TEXT, GPT2_EOT) != GPT2_EOT:
-        raise GptkitError(f"{EOT_TEXT} has id {encoder[EOT_TEXT]}, GPT-2's is {GPT2_EOT}", source)
+        raise GptkitError(f"{EOT_TEXT} has id {encoder[EOT_TEXT]}, GPT-2's is {GPT2_EOT}", source,
+                          "the vocabulary is not GPT-2's")
     return ranks
 
 
@@ -150,13 +151,13 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptkitError(f"not valid JSON: {e}", path) from None
+        raise GptkitError(f"not valid JSON: {e}", path, "the file is damaged; fetch it again") from None
 
 
 def _ranks_from_pair(enc: Path, bpe: Path) -> dict[bytes, int]:
     encoder = _read_json(enc)
     if not isinstance(encoder, dict):
-        raise GptkitError("expected a JSON object of token -> id", enc)
+        raise GptkitError("expected a JSON object of token -> id", enc, "give GPT-2's encoder.json")
     return ranks_from_encoder_merges(encoder, _read_merges(bpe), f"{enc} + {bpe.name}")
 
 

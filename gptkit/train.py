@@ -54,7 +54,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise GptkitError(f"invalid TOML: {e}", p) from None
+        raise GptkitError(f"invalid TOML: {e}", p, "fix the TOML syntax") from None
 
 
 def _toml_value(v: Any) -> str:
@@ -111,7 +111,8 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
                     elif mk in MODEL_ONLY_KEYS:
                         model_vals[mk] = coerce_value(mk, mv, MODEL_ONLY_KEYS[mk].type)
                     elif mk not in ("vocab_size", "padded_vocab_size"):
-                        raise GptkitError(f"unknown model key {mk!r}", str(config_file))
+                        raise GptkitError(f"unknown model key {mk!r}", str(config_file),
+                                          "see `gptkit train --help` for the keys")
                     elif mk == "vocab_size":
                         model_vals[mk] = coerce_value(mk, mv, int)
             else:
@@ -232,7 +233,7 @@ class Trainer:
                                   "--init", "drop them: the architecture comes from the initial weights")
             if cfg.block_size > model.config.block_size:
                 raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context {model.config.block_size}",
-                                  "block_size")
+                                  "block_size", "use a block_size up to the model's context")
             new_cfg = model.config.replace(dropout=cfg.dropout, attention=self.attention)
             model.config = new_cfg
             for m in model.modules():
@@ -285,7 +286,8 @@ class Trainer:
         model, chars = self._build_model(meta, resume_ckpt)
         mcfg = model.config
         if cfg.block_size > mcfg.block_size:
-            raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context {mcfg.block_size}", "block_size")
+            raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context {mcfg.block_size}",
+                              "block_size", "use a block_size up to the model's context")
         model.to(self.device)
         torch.manual_seed(cfg.seed + dist.rank)  # then each rank its own dropout stream
         if cfg.activation_checkpointing:
@@ -646,7 +648,7 @@ def evaluate_model(model_path: str, data_dir: str, split: str = "val", batch_siz
     from gptkit.runtime import pick_device
 
     if batch_size <= 0:
-        raise GptkitError(f"must be > 0, got {batch_size}", "--batch-size")
+        raise GptkitError(f"must be > 0, got {batch_size}", "--batch-size", "give a positive batch size")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     split_files(data_dir, split)  # fail early, naming the directory
@@ -654,7 +656,8 @@ def evaluate_model(model_path: str, data_dir: str, split: str = "val", batch_siz
     model = loaded.model.to(dev)
     T = block_size or model.config.block_size
     if not 0 < T <= model.config.block_size:
-        raise GptkitError(f"must be in 1..{model.config.block_size}, got {T}", "--block-size")
+        raise GptkitError(f"must be in 1..{model.config.block_size}, got {T}", "--block-size",
+                          "leave it out to use the model's context")
     meta = read_meta(data_dir)
     if meta.get("vocab_size", 0) > model.config.vocab_size:
         raise GptkitError(f"data vocab {meta['vocab_size']} exceeds the model's {model.config.vocab_size}",

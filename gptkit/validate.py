@@ -78,7 +78,7 @@ def validate(model_path: str | Path, state_path: str | Path, steps: int = 10,
     from gptkit.loading import load_model
 
     if steps < 0:
-        raise GptkitError(f"--steps must be >= 0, got {steps}", "--steps")
+        raise GptkitError(f"--steps must be >= 0, got {steps}", "--steps", "give 0 or more steps")
     loaded = load_model(model_path)
     model = loaded.model.float()
     config = model.config

@@ -328,3 +328,22 @@ def test_bad_input_in_a_real_process(case, tmp_path):
     _assert_one_error_line(r.returncode, r.stderr, needles)
     assert _snapshot(tmp_path) == before
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_every_user_error_in_the_package_carries_a_hint():
+    """INTERFACES.md: a user error prints `error: <what> (<file or option>): <hint>`, so every
+    GptkitError raised in gptkit/ names where the problem is and how to fix it."""
+    import ast
+    from pathlib import Path
+
+    import gptkit
+
+    missing = []
+    for p in sorted(Path(gptkit.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            name = getattr(node, "func", None)
+            name = getattr(name, "id", getattr(name, "attr", None))
+            if isinstance(node, ast.Call) and name == "GptkitError" and not any(a.arg == "hint" for a in node.keywords):
+                if len(node.args) < 3 and not any(isinstance(a, ast.Starred) for a in node.args):
+                    missing.append(f"{p.name}:{node.lineno}")
+    assert not missing, f"GptkitError without a hint at {missing}"

@@ -34,16 +34,20 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
                           "gptkit loads GPT-2 checkpoints only")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise GptkitError(f"activation {act!r} is not GPT-2's tanh GELU", where)
+        raise GptkitError(f"activation {act!r} is not GPT-2's tanh GELU", where,
+                          "gptkit loads GPT-2-architecture models only")
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
-        raise GptkitError(f"layer_norm_epsilon {eps} differs from GPT-2's 1e-5", where)
+        raise GptkitError(f"layer_norm_epsilon {eps} differs from GPT-2's 1e-5", where,
+                          "gptkit loads GPT-2-architecture models only")
     n_embd = hf.get("n_embd", hf.get("hidden_size", 768))
     if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise GptkitError(f"n_inner {hf['n_inner']} is not 4*n_embd", where)
+        raise GptkitError(f"n_inner {hf['n_inner']} is not 4*n_embd", where,
+                          "gptkit loads GPT-2-architecture models only")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
-            raise GptkitError(f"{flag}=true is not GPT-2's attention", where)
+            raise GptkitError(f"{flag}=true is not GPT-2's attention", where,
+                              "gptkit loads GPT-2-architecture models only")
     return GPTConfig(
         block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
         vocab_size=hf.get("vocab_size", 50257),
@@ -145,7 +149,8 @@ def load_hf(path: Path):
     try:
         hf_cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise GptkitError(f"unreadable config.json: {e}", path / "config.json") from None
+        raise GptkitError(f"unreadable config.json: {e}", path / "config.json",
+                          "the file is damaged; write it again with save_pretrained") from None
     config = config_from_hf(hf_cfg, str(path / "config.json"))
     return config, state_dict_from_hf(read_hf_weights(path), config, str(path))
 

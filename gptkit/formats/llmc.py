@@ -92,7 +92,7 @@ def _read_header(path: Path, magic: int, what: str) -> tuple[np.ndarray, int]:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
     except OSError as e:
-        raise GptkitError(f"cannot read {what}: {e.strerror}", path) from None
+        raise GptkitError(f"cannot read {what}: {e.strerror}", path, "check the path and its permissions") from None
     if len(raw) < HEADER_BYTES:
         raise GptkitError(f"truncated {what}: {len(raw)} bytes, the header alone needs {HEADER_BYTES}", path,
                           "the file is damaged or incomplete; write it again")
@@ -177,7 +177,8 @@ def write_model(path: str | Path, state_dict: dict[str, torch.Tensor], config: G
     """Write a model .bin: version 3 for fp32, 5 for bf16."""
     version = {v: k for k, v in MODEL_VERSIONS.items()}.get(dtype)
     if version is None:
-        raise GptkitError(f"llm.c model files hold fp32 or bf16, not {dtype}", "dtype")
+        raise GptkitError(f"llm.c model files hold fp32 or bf16, not {dtype}", "dtype",
+                          "use --to llmc (fp32) or --to llmc-bf16")
     path = Path(path)
     with open(path, "wb") as f:
         f.write(_make_header(MODEL_MAGIC, version, config.block_size, config.vocab_size, config.n_layer,
@@ -241,7 +242,8 @@ def write_tokenizer(path: str | Path, tok: LlmcTokenizer) -> None:
     body = bytearray()
     for i, b in enumerate(tok.tokens):
         if not 0 < len(b) < 256:
-            raise GptkitError(f"token {i} has {len(b)} bytes; llm.c needs 1..255", path)
+            raise GptkitError(f"token {i} has {len(b)} bytes; llm.c needs 1..255", path,
+                              "llm.c's tokenizer file cannot hold this vocabulary")
         body.append(len(b))
         body += b
     with open(path, "wb") as f:

@@ -149,7 +149,8 @@ def read_bundle(prefix: str | Path) -> dict[str, np.ndarray]:
     try:
         table = read_table(index)
     except OSError as e:
-        raise GptkitError(f"cannot read checkpoint index: {e.strerror}", index) from None
+        raise GptkitError(f"cannot read checkpoint index: {e.strerror}", index,
+                          "check the path and its permissions") from None
     except (ValueError, struct.error) as e:
         raise GptkitError(f"not a TensorFlow checkpoint index: {e}", index,
                           "the file is damaged; download the release again") from None
@@ -220,7 +221,7 @@ def load_tf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
         if tf_name.endswith("/w"):  # conv weight [1, in, out] -> Linear (out, in)
             if t.ndim != 3 or t.shape[0] != 1:
                 raise GptkitError(f"variable {tf_name} has shape {list(t.shape)}, expected [1, in, out]",
-                                  path / "model.ckpt.index")
+                                  path / "model.ckpt.index", "the checkpoint is not OpenAI's GPT-2 layout")
             t = t[0].t().contiguous()
         sd[name] = t
 
@@ -232,7 +233,8 @@ def load_tf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     wte = sd["transformer.wte.weight"]
     if wte.shape != (config.vocab_size, config.n_embd):
         raise GptkitError(f"model/wte has shape {list(wte.shape)}, hparams.json implies "
-                          f"[{config.vocab_size}, {config.n_embd}]", path / "hparams.json")
+                          f"[{config.vocab_size}, {config.n_embd}]", path / "hparams.json",
+                          "hparams.json and the checkpoint come from different models")
     padded = wte.new_zeros(config.padded_vocab_size, config.n_embd)
     padded[: config.vocab_size] = wte
     sd["transformer.wte.weight"] = padded
