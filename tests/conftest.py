@@ -57,3 +57,13 @@ def hf_tiny(tmp_path):
     """(directory, transformers model) of a tiny random GPT-2."""
     d = tmp_path / "hf-tiny"
     return d, make_hf_model(d)
+
+
+@pytest.fixture
+def char_data(tmp_path, request):
+    """A char-level data directory prepared from the test module's TEXT."""
+    from gptkit.prepare import prepare
+
+    src = tmp_path / "text.txt"
+    src.write_text(request.module.TEXT)
+    return prepare(str(src), tokenizer="char", out=tmp_path / "data")

@@ -16,20 +16,12 @@ import pytest
 import torch
 
 from gptkit.data import TokenLoader
-from gptkit.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(400))
 COMMON = ["n_layer=2", "n_head=2", "n_embd=16", "batch_size=4", "block_size=16", "warmup_steps=2",
           "eval_interval=0", "log_interval=1", "final_eval=false", "sample_tokens=1", "progress=false",
           "dtype=float32", "device=cpu", "seed=7"]
-
-
-@pytest.fixture
-def char_data(tmp_path):
-    src = tmp_path / "text.txt"
-    src.write_text(TEXT)
-    return prepare(str(src), tokenizer="char", out=tmp_path / "data")
 
 
 @pytest.mark.parametrize("mode", ["random", "sequential"])

@@ -7,17 +7,9 @@ import time
 import pytest
 
 from gptkit.cli import main
-from gptkit.prepare import prepare
 from gptkit.train import resolve_config, train
 
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(200))
-
-
-@pytest.fixture
-def char_data(tmp_path):
-    src = tmp_path / "text.txt"
-    src.write_text(TEXT)
-    return prepare(str(src), tokenizer="char", out=tmp_path / "data")
 
 
 def _run(data, out, **kw):

@@ -9,17 +9,9 @@ import torch
 from gptkit.checkpoint import list_checkpoints, load_checkpoint_model
 from gptkit.cli import main
 from gptkit.model import GPT
-from gptkit.prepare import prepare
 from gptkit.train import resolve_config, train
 
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(200))
-
-
-@pytest.fixture
-def char_data(tmp_path):
-    src = tmp_path / "text.txt"
-    src.write_text(TEXT)
-    return prepare(str(src), tokenizer="char", out=tmp_path / "data")
 
 
 def _overrides(data, out, **kw):

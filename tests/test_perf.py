@@ -20,7 +20,6 @@ from gptkit.config import GPTConfig
 from gptkit.model import GPT
 from gptkit.optim import LowPrecisionAdamW, lr_at, make_adamw
 from gptkit.precision import ShadowWeights
-from gptkit.prepare import prepare
 from gptkit.runtime import autocast
 from gptkit.train import resolve_config, train
 
@@ -157,13 +156,6 @@ def test_lr_time_ratio_takes_over_only_when_ahead_of_the_steps():
     assert lr_at(60, **args, time_ratio=0.9) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.9)))
     assert lr_at(60, **args, time_ratio=1.0) == 0.1
     assert lr_at(5, **args, time_ratio=0.9) == lr_at(5, **args)  # warmup is by steps
-
-
-@pytest.fixture
-def char_data(tmp_path):
-    src = tmp_path / "text.txt"
-    src.write_text(TEXT)
-    return prepare(str(src), tokenizer="char", out=tmp_path / "data")
 
 
 def _cfg(data, out, **kw):

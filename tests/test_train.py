@@ -8,17 +8,9 @@ import pytest
 from gptkit.config import TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.optim import lr_at
-from gptkit.prepare import prepare
 from gptkit.train import resolve_config, train
 
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(400))
-
-
-@pytest.fixture
-def char_data(tmp_path):
-    src = tmp_path / "text.txt"
-    src.write_text(TEXT)
-    return prepare(str(src), tokenizer="char", out=tmp_path / "data")
 
 
 def _cfg(data, out, **kw):
