@@ -131,7 +131,7 @@ class TrainConfig:
     eval_batches: int = 10  # batches per periodic val estimate; the final eval covers the whole split
     final_eval: bool = True  # loss over the whole val split at the end
     sample_interval: int = 0  # 0 = only at the end
-    sample_tokens: int = 200
+    sample_tokens: int = 200  # 0 = no samples
     sample_temperature: float = 0.8
     sample_top_k: int = 200  # 0 = off
     sample_top_p: float = 1.0
@@ -159,13 +159,12 @@ class TrainConfig:
     wandb_project: str = "gptkit"
 
     def __post_init__(self):
-        positive = ("batch_size", "block_size", "grad_accum", "max_steps", "log_interval", "sample_tokens",
-                    "eval_batches")
+        positive = ("batch_size", "block_size", "grad_accum", "max_steps", "log_interval", "eval_batches")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise GptkitError(f"{name} must be a positive integer, got {v!r}", name, f"set {name}=N with N > 0")
-        nonneg = ("warmup_steps", "decay_steps", "eval_interval", "sample_interval", "ckpt_interval",
+        nonneg = ("warmup_steps", "decay_steps", "eval_interval", "sample_interval", "sample_tokens", "ckpt_interval",
                   "keep_last", "threads", "max_bad_steps")
         for name in nonneg:
             v = getattr(self, name)

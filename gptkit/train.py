@@ -458,8 +458,8 @@ class Trainer:
                                      "elapsed_s": round(time.time() - t_start, 3), "val_loss": v})
                     say(f"step {step}: val {v:.4f}")
 
-                if (cfg.sample_interval and step % cfg.sample_interval == 0 and step != cfg.max_steps and tokenizer
-                        and everyone):
+                if (cfg.sample_interval and cfg.sample_tokens and step % cfg.sample_interval == 0
+                        and step != cfg.max_steps and tokenizer and everyone):
                     text = self._sample(model, tokenizer)
                     say(f"--- sample at step {step} ---\n{text}\n---")
                 if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step != cfg.max_steps:

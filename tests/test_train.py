@@ -129,3 +129,13 @@ def test_default_job_prepares_nanogpt_char_split(tmp_path, monkeypatch, shakespe
 
     meta = read_meta(default_dataset_dir("shakespeare-char"))
     assert meta["vocab_size"] == 65 and meta["val_tokens"] == 111_540 and meta["train_tokens"] == 1_003_854
+
+
+def test_sample_tokens_zero_turns_the_samples_off(char_data, tmp_path):
+    """Like every other *_interval/*_tokens knob, 0 means off: no sample at the end or on the way."""
+    lines = []
+    cfg, mov = _cfg(char_data, tmp_path / "run", sample_tokens=0, sample_interval=2, final_eval=False)
+    res = train(cfg, mov, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert res.sample is None
+    assert not any("--- sample" in x for x in lines), lines
+    assert res.step == 6
