@@ -175,7 +175,8 @@ def prepare_prompt(ids: Sequence[int], block_size: int, truncate: bool = False, 
     if len(ids) > limit:
         if not truncate:
             raise GptkitError(f"prompt has {len(ids)} tokens, the model's context is {block_size}", where,
-                              f"shorten it to at most {limit} tokens, or allow truncation")
+                              f"shorten it to at most {limit} tokens"
+                              + (", or pass --truncate to keep its end" if where == "--prompt" else ""))
         warnings.warn(f"prompt has {len(ids)} tokens, more than the context allows; "
                       f"keeping its last {limit} tokens", stacklevel=2)
         ids = ids[-limit:]

@@ -339,6 +339,7 @@ def test_cli_sample_streams_seeded_samples_and_rejects_long_prompts(tmp_path, gp
                     str(gpt2_vocab_path), cwd=tmp_path)
     assert long.returncode == 2 and "Traceback" not in long.stderr
     assert long.stderr.startswith("error: prompt has 41 tokens, the model's context is 32 (--prompt)")
+    assert "--truncate" in long.stderr  # the hint names the option that allows it
 
 
 def test_bench_generate_json_lines_compare_transformers(tmp_path, capsys):
