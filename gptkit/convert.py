@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gptkit.config import GPT2_VOCAB_SIZE
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, make_dir
 
 TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -82,7 +82,7 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
     else:
         from gptkit.formats import llmc
 
-        dst.mkdir(parents=True, exist_ok=True)
+        make_dir(dst, "DST")
         dtype = torch.bfloat16 if to == "llmc-bf16" else torch.float32
         llmc.write_model(dst / "model.bin", model.state_dict(), config, dtype)
         res.files.append(dst / "model.bin")

@@ -18,3 +18,17 @@ class GptkitError(Exception):
         if self.hint:
             s += f": {self.hint}"
         return s
+
+
+def make_dir(path, where: str):
+    """mkdir -p for an output the user named: a failure is a user error naming the path, not a traceback."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GptkitError(f"cannot create directory: {e.strerror or e}", path,
+                          f"choose another {where}, or check that every part of the path is a writable directory"
+                          ) from None
+    return path

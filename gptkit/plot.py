@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, make_dir
 from gptkit.loggers import read_metrics
 
 
@@ -66,7 +66,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_t.set_title("loss vs tokens")
     ax_t.legend(loc="upper right", fontsize=9)
     fig.suptitle(f"gptkit run {run_dir.resolve().name}", fontsize=11)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, "--out")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

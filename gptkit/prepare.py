@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, make_dir
 
 PRESETS = ("shakespeare-char", "shakespeare")
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -280,7 +280,7 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
     total_bytes = sum(p.stat().st_size for p in docs)
     if total_bytes == 0:
         raise GptkitError("the text is empty", src_path, "give a file with some text in it")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
 
     meta: dict = {"tokenizer": kind, "source": str(src_path), "documents": len(docs)}
     llmc_shakespeare = source == "shakespeare" and kind == "gpt2"

@@ -23,7 +23,7 @@ from gptkit import checkpoint as ckpt_lib
 from gptkit import parallel
 from gptkit.config import MODEL_KEYS, MODEL_PRESETS, TRAIN_KEYS, GPTConfig, TrainConfig, coerce_value, model_preset
 from gptkit.data import TokenLoader, count_eval_batches, eval_windows, read_meta
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, make_dir
 from gptkit.model import GPT
 from gptkit.optim import lr_at, make_adamw
 from gptkit.runtime import (DTYPES, Dist, autocast, measure_peak_flops, pick_dtype, setup_cuda_matmul, setup_distributed,
@@ -337,7 +337,7 @@ class Trainer:
             train_model = parallel.wrap_ddp(train_model, self.device)
 
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(run_dir, "--out")
             write_toml(run_dir / "config.toml", cfg.to_dict(), mcfg.to_dict())
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         decay_steps = cfg.decay_steps or cfg.max_steps

@@ -347,3 +347,31 @@ def test_every_user_error_in_the_package_carries_a_hint():
                 if len(node.args) < 3 and not any(isinstance(a, ast.Starred) for a in node.args):
                     missing.append(f"{p.name}:{node.lineno}")
     assert not missing, f"GptkitError without a hint at {missing}"
+
+
+@pytest.mark.parametrize("cmd", ["prepare", "convert-hf", "convert-llmc", "train", "plot"])
+def test_an_output_path_that_cannot_be_created_is_a_one_line_error(cmd, tmp_path, capsys, monkeypatch):
+    """--out (or DST) below a regular file: mkdir fails; the user sees which path, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad = blocker / "sub"
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be\n" * 50)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64))
+    save_checkpoint(tmp_path / "run", 1, model, {"model_config": model.config.to_dict()})
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "tokens": 8, "elapsed_s": 0.1, "train_loss": 4.0, "lr": 1e-3, "tok_per_s": 80.0,
+                    "mfu": 0.0}) + "\n")
+    data = tmp_path / "data"
+    main(["prepare", str(text), "--tokenizer", "char", "--out", str(data)])
+    argv = {"prepare": ["prepare", str(text), "--tokenizer", "char", "--out", str(bad)],
+            "convert-hf": ["convert", str(tmp_path / "run"), str(bad), "--to", "hf"],
+            "convert-llmc": ["convert", str(tmp_path / "run"), str(bad), "--to", "llmc"],
+            "train": ["train", "--data", str(data), "--out", str(bad), *TINY],
+            "plot": ["plot", str(tmp_path / "run"), "--out", str(bad / "loss.png")]}[cmd]
+    if cmd == "plot":
+        pytest.importorskip("matplotlib")
+    capsys.readouterr()
+    rc = main(argv)
+    _assert_one_error_line(rc, capsys.readouterr().err, ["a-file"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gptkit.config import GPTConfig
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, make_dir
 
 # weights stored (in, out) by HF's Conv1D, (out, in) by nn.Linear
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -160,7 +160,7 @@ def save_hf(model, path: Path) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    make_dir(path, "output directory")
     tensors = state_dict_to_hf(model.state_dict(), model.config)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
