@@ -136,3 +136,25 @@ def test_bad_source_and_target_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--to" in r.stderr
     with pytest.raises(GptkitError, match="unknown target"):
         convert(tmp_path, tmp_path / "out", "onnx")
+
+
+def test_hf_model_with_an_untied_lm_head_is_refused_not_silently_tied(tmp_path):
+    """gptkit ties lm_head to wte; an HF GPT-2 trained with tie_word_embeddings=false has its own
+    lm_head, and dropping it would change every logit."""
+    transformers = pytest.importorskip("transformers")
+    from gptkit import GPT
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=64,
+                                  tie_word_embeddings=False)
+    m = transformers.GPT2LMHeadModel(cfg)
+    assert not torch.equal(m.lm_head.weight, m.transformer.wte.weight)
+    m.save_pretrained(tmp_path / "untied")
+    with pytest.raises(GptkitError, match="lm_head"):
+        GPT.from_pretrained(str(tmp_path / "untied"))
+    tied = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16,
+                                                                vocab_size=64))
+    tied.save_pretrained(tmp_path / "tied")
+    x = torch.randint(0, 64, (1, 8))
+    got = GPT.from_pretrained(str(tmp_path / "tied")).eval()(x)
+    assert torch.allclose(got, tied.eval()(x).logits, atol=1e-5)

@@ -125,6 +125,10 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: GPTConfig, where: st
         padded = wte.new_zeros(config.padded_vocab_size, wte.shape[1])
         padded[: wte.shape[0]] = wte
         out["transformer.wte.weight"] = padded
+    head = sd.get("lm_head.weight")
+    if head is not None and not torch.equal(head, wte):  # GPT-2 ties them; a separate head can't be dropped
+        raise GptkitError("the weights hold an lm_head that differs from wte (tie_word_embeddings=false)", where,
+                          "gptkit loads GPT-2 with tied embeddings only")
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
