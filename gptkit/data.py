@@ -70,13 +70,10 @@ def write_shard(path: str | Path, tokens) -> None:
 
 def read_header(path: str | Path) -> int:
     """Check a shard's header and size; return its token count."""
+    from gptkit.formats.llmc import read_header_bytes
+
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise GptkitError(f"cannot read shard: {e.strerror}", path, "check the path and its permissions") from None
+    raw, size = read_header_bytes(path, "shard")
     if len(raw) < HEADER_BYTES:
         raise GptkitError(f"shard is truncated: {size} bytes, the header alone is {HEADER_BYTES}", path,
                           "re-run `gptkit prepare`")

@@ -84,15 +84,21 @@ def _make_header(*values: int) -> bytes:
     return h.tobytes()
 
 
-def _read_header(path: Path, magic: int, what: str) -> tuple[np.ndarray, int]:
-    """The header as int32s and the file's size; checks the magic number."""
+def read_header_bytes(path: str | Path, what: str) -> tuple[bytes, int]:
+    """The first HEADER_BYTES of an llm.c file (fewer if it is shorter) and the file's size.
+    Shared by every llm.c format here and by the token shards (gptkit/data.py)."""
     path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
+            return f.read(HEADER_BYTES), size
     except OSError as e:
         raise GptkitError(f"cannot read {what}: {e.strerror}", path, "check the path and its permissions") from None
+
+
+def _read_header(path: Path, magic: int, what: str) -> tuple[np.ndarray, int]:
+    """The header as int32s and the file's size; checks the magic number."""
+    raw, size = read_header_bytes(path, what)
     if len(raw) < HEADER_BYTES:
         raise GptkitError(f"truncated {what}: {len(raw)} bytes, the header alone needs {HEADER_BYTES}", path,
                           "the file is damaged or incomplete; write it again")
