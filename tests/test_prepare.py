@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import data_file
 from gptkit import prepare as prep
 from gptkit.cli import main
 from gptkit.tokenizer import load_bpe_vocab
@@ -256,7 +257,8 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, name, content, message):
         (tmp_path / "blank.txt").mkdir()
         p = tmp_path / "blank.txt"
         (p / "a.txt").write_bytes(b"")
-    rc = main(["prepare", str(p), "--out", str(tmp_path / "out")])
+    vocab = ["--vocab", str(data_file("gpt2.tiktoken"))] if message in ("binary", "UTF-8") else []  # read with BPE
+    rc = main(["prepare", str(p), "--out", str(tmp_path / "out"), *vocab])
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
@@ -271,7 +273,7 @@ def test_utf8_error_reports_byte_offset_across_chunks(tmp_path, monkeypatch):
         list(prep.iter_text(p, chunk_bytes=1001))
 
 
-def test_bad_options_are_one_line_errors(tmp_path, capsys):
+def test_bad_options_are_one_line_errors(tmp_path, capsys, gpt2_vocab_path):
     src = tmp_path / "t.txt"
     src.write_text("hello world " * 100)
     for args in (["--shard-size", "0"], ["--val-fraction", "1.5"], ["--tokenizer", "bpe"]):
@@ -280,7 +282,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("hi")
-    assert main(["prepare", str(tiny), "--out", str(tmp_path / "o")]) == 2
+    assert main(["prepare", str(tiny), "--out", str(tmp_path / "o"), "--vocab", str(gpt2_vocab_path)]) == 2
     assert "too short" in capsys.readouterr().err
 
 
