@@ -180,7 +180,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                # hide it first (one atomic rename), then delete: a kill mid-delete leaves a hidden
+                # directory that clean_partial removes, never a visible, half-deleted ckpt_*
+                doomed = run_dir / f".del_{old.name}_{os.getpid()}"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -197,8 +201,8 @@ def _write_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
 
 
 def clean_partial(run_dir: str | Path) -> None:
-    """Remove what a crash mid-save left behind: hidden temporary directories, and put back a
-    checkpoint that was moved aside while being re-saved."""
+    """Remove what a crash mid-save left behind: hidden temporary directories and pruned checkpoints
+    whose deletion was cut short, and put back a checkpoint that was moved aside while being re-saved."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
@@ -209,7 +213,7 @@ def clean_partial(run_dir: str | Path) -> None:
                 os.replace(p, run_dir / name)
             else:
                 shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(".tmp_ckpt_") and p.is_dir():
+        elif p.name.startswith((".tmp_ckpt_", ".del_ckpt_")) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -92,6 +92,29 @@ def test_keep_last_prunes_only_after_the_new_checkpoint_is_complete(tmp_path, mo
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
+def test_a_kill_while_pruning_never_leaves_a_visible_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """kill -9 in the middle of deleting an old checkpoint: here the deletion removes one file and
+    the process dies. Every visible ckpt_* must still be complete, and resume's clean-up removes the rest."""
+    m, opt, names = _trained()
+    run = tmp_path / "run"
+    for step in (1, 2):
+        ck.save_checkpoint(run, step, m, _state(m), opt, names, keep_last=2)
+
+    def killed_mid_delete(path, ignore_errors=False):
+        (path / ck.STATE_FILE).unlink()  # the first file is gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(run, 3, m, _state(m), opt, names, keep_last=2)
+    monkeypatch.undo()
+    visible = sorted(p for p in run.iterdir() if p.name.startswith("ckpt_"))
+    assert [p.name for p in visible] == ["ckpt_00000002", "ckpt_00000003"]
+    assert all(ck.is_checkpoint_dir(p) and (p / ck.OPTIM_FILE).is_file() for p in visible)
+    ck.clean_partial(run)
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt_00000002", "ckpt_00000003"]
+
+
 def test_full_disk_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     m, opt, names = _trained()
     run = tmp_path / "run"
