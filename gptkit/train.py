@@ -449,6 +449,8 @@ class Trainer:
                         say(f"step {step}: train {train_loss:.4f}, val {rec['val_loss']:.4f}")
                     if metrics:
                         metrics.log(rec)
+                    if budget.enabled:  # the time budget, not max_steps, ends this run: show where
+                        bar.total = min(cfg.max_steps, budget.projected_end_step(step, tokens_per_step))
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 elif cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps:
                     with budget.timing_eval(cfg.eval_batches * cfg.batch_size * cfg.block_size):
@@ -592,6 +594,13 @@ class _TimeBudget:
             self.t_warm = now
         deadline = self.end - self.reserve()
         self.ratio = min(1.0, max(0.0, (now - self.t_warm) / max(deadline - self.t_warm, 1e-9)))
+
+    def projected_end_step(self, step: int, tokens_per_step: int) -> int:
+        """The step at which the budget will stop training, at the current speed."""
+        if not self.train_s_per_tok:
+            return step + 1
+        left = self.end - self.reserve() - time.time()
+        return step + max(1, int(left / (self.train_s_per_tok * tokens_per_step)))
 
     def out_of_time(self) -> bool:
         return time.time() >= self.end - self.reserve()
