@@ -4,6 +4,7 @@ library function; user errors (GptkitError) become one line on stderr and exit c
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from gptkit import __version__
@@ -43,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        # key=value overrides may sit anywhere, also after options (`train --out R lr=1e-3`):
+        # argparse leaves those it could not place as extras
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            if hasattr(args, "overrides") and all(re.match(r"^[A-Za-z_][\w-]*=", x) for x in extras):
+                args.overrides = list(args.overrides or []) + extras
+            else:
+                raise GptkitError(f"unrecognized arguments: {' '.join(extras)}", f"gptkit {args.cmd or ''}".strip(),
+                                  f"see `gptkit {args.cmd + ' ' if args.cmd else ''}--help`")
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2 if not argv else 0

@@ -19,7 +19,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not run_dir.is_dir():
         raise GptkitError("run directory not found", run_dir, "give a directory written by `gptkit train`")
     rows = read_metrics(run_dir)
-    train = [r for r in rows if "train_loss" in r]
+    train = [r for r in rows if r.get("train_loss") is not None and not r.get("final")]
     val = [r for r in rows if "val_loss" in r and not r.get("final")]
     final = [r for r in rows if r.get("final")]
     if not train and not val:

@@ -362,6 +362,7 @@ class Trainer:
         best_tok_s = 0.0
         last_log_t, last_log_step = time.time(), step
         train_loss = None
+        last_rec: dict = {}  # the last logged row of metrics.jsonl
         skipped = 0
         # with FSDP every forward is collective: evals and samples run on every rank
         everyone = dist.is_main or self.fsdp
@@ -449,15 +450,17 @@ class Trainer:
                         say(f"step {step}: train {train_loss:.4f}, val {rec['val_loss']:.4f}")
                     if metrics:
                         metrics.log(rec)
+                    last_rec = rec
                     if budget.enabled:  # the time budget, not max_steps, ends this run: show where
                         bar.total = min(cfg.max_steps, budget.projected_end_step(step, tokens_per_step))
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 elif cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.max_steps:
                     with budget.timing_eval(cfg.eval_batches * cfg.batch_size * cfg.block_size):
                         v = estimate_loss(model, val_loader, cfg.eval_batches, self.device, self.dtype)
-                    if metrics:
-                        metrics.log({"step": step, "tokens": tokens_seen,
-                                     "elapsed_s": round(time.time() - t_start, 3), "val_loss": v})
+                    if metrics:  # every row carries INTERFACES.md's fields; speed is the last measured
+                        metrics.log({**_speed(last_rec), "step": step, "tokens": tokens_seen,
+                                     "elapsed_s": round(time.time() - t_start, 3), "train_loss": float(loss_avg),
+                                     "lr": lr, "val_loss": v})
                     say(f"step {step}: val {v:.4f}")
 
                 if (cfg.sample_interval and cfg.sample_tokens and step % cfg.sample_interval == 0
@@ -481,8 +484,9 @@ class Trainer:
             self.log(f"final val loss {final_val:.4f} (perplexity {math.exp(min(final_val, 50)):.2f}) "
                      f"over the whole val split, {n:,} tokens")
             if metrics:
-                metrics.log({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.time() - t_start, 3),
-                             "val_loss": final_val, "final": True})
+                metrics.log({**_speed(last_rec), "step": step, "tokens": tokens_seen,
+                             "elapsed_s": round(time.time() - t_start, 3), "train_loss": train_loss,
+                             "lr": last_rec.get("lr"), "val_loss": final_val, "final": True})
         if metrics:
             metrics.close()
         sample = None
@@ -553,6 +557,11 @@ class Trainer:
         if rng_ranks:
             state["rng_ranks"] = rng_ranks
         ckpt_lib.save_checkpoint(run_dir, step, tensors, state, opt_state, names, keep_last=self.cfg.keep_last)
+
+
+def _speed(rec: dict) -> dict:
+    """tok_per_s and mfu of the last logged row (None before the first)."""
+    return {"tok_per_s": rec.get("tok_per_s"), "mfu": rec.get("mfu")}
 
 
 class _TimeBudget:

@@ -109,3 +109,12 @@ def test_user_errors_in_a_real_process_have_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gptkit", "eval", "--model", str(tmp_path / "x"), "--data",
                         str(tmp_path)], capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_key_value_overrides_may_follow_options(monkeypatch):
+    import gptkit.train as train_mod
+
+    seen = {}
+    monkeypatch.setattr(train_mod, "train", lambda cfg, mov, resume=False: seen.update(cfg=cfg, mov=mov) or 0)
+    assert main(["train", "max_steps=7", "--out", "somewhere", "lr=0.01", "n_layer=3"]) == 0
+    assert (seen["cfg"].max_steps, seen["cfg"].lr, seen["cfg"].out, seen["mov"]) == (7, 0.01, "somewhere", {"n_layer": 3})

@@ -37,12 +37,14 @@ def test_run_directory_holds_config_metrics_and_checkpoints(char_data, tmp_path)
     assert state["step"] == 6 and state["chars"] and state["model_config"]["n_embd"] == 16
     assert state["loader"]["step"] == 6 and "torch" in state["rng"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = [r for r in rows if "train_loss" in r]
-    assert [r["step"] for r in logged] == [2, 4, 6]
-    for r in logged:
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 6]  # logged every 2 steps, an eval at 3, the final eval
+    for r in rows:
         assert {"step", "tokens", "elapsed_s", "train_loss", "lr", "tok_per_s", "mfu"} <= set(r)
         assert r["tokens"] == r["step"] * 4 * 16
     assert any("val_loss" in r and r["step"] == 3 for r in rows)
+    for r in rows:  # every row, eval-only and final ones too, carries INTERFACES.md's fields
+        assert {"step", "tokens", "elapsed_s", "train_loss", "lr", "tok_per_s", "mfu"} <= set(r), r
+    assert rows[-1]["final"] and rows[-1]["val_loss"] == res.final_val_loss
     assert res.final_val_loss is not None and math.isfinite(res.final_val_loss)
     assert res.sample is not None and len(res.sample) == 20
 
