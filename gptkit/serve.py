@@ -27,6 +27,7 @@ FastAPI and uvicorn are the `serve` extra; they are imported only when a server 
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -579,28 +580,24 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         reasons: list[str | None] = [None] * job.rows
         used = 0
         left = job.rows
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            while left:
-                getter = asyncio.ensure_future(updates.get())
-                await asyncio.wait([getter, watcher], return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    scheduler.cancel(job)  # the client went away: free its rows
-                    return None
-                item = getter.result()
-                if isinstance(item, BaseException):
-                    raise APIError(500, f"generation failed: {item}", None, "internal_error")
-                for u in item:
-                    texts[u.row].append(u.text)
-                    if u.finished:
-                        reasons[u.row] = u.finish_reason or "length"
-                        used += u.completion_tokens
-                        left -= 1
+            async with contextlib.aclosing(_job_updates(request, updates)) as batches:
+                async for item in batches:
+                    if isinstance(item, BaseException):
+                        raise APIError(500, f"generation failed: {item}", None, "internal_error")
+                    for u in item:
+                        texts[u.row].append(u.text)
+                        if u.finished:
+                            reasons[u.row] = u.finish_reason or "length"
+                            used += u.completion_tokens
+                            left -= 1
+                    if not left:
+                        break
         finally:
-            watcher.cancel()
-            if left:
+            if left:  # an error, or the client went away: free its rows
                 scheduler.cancel(job)
+        if left:
+            return None
         choices = [{"index": i, "text": "".join(t), "finish_reason": reasons[i], "logprobs": None}
                    for i, t in enumerate(texts)]
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": choices,
@@ -608,6 +605,22 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                           "total_tokens": prompt_tokens + used}}
 
     return app
+
+
+async def _job_updates(request, updates: asyncio.Queue):
+    """A job's update batches as the scheduler sends them; ends early, without error, when the
+    client closes the connection (the caller then frees the job's rows)."""
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        while True:
+            getter = asyncio.ensure_future(updates.get())
+            await asyncio.wait([getter, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                return
+            yield getter.result()
+    finally:
+        watcher.cancel()
 
 
 async def _wait_disconnect(request) -> None:
@@ -630,34 +643,31 @@ async def _sse(request, scheduler: Scheduler, job: Job, updates: asyncio.Queue, 
 
     left = job.rows
     used = 0
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        while left:
-            getter = asyncio.ensure_future(updates.get())
-            await asyncio.wait([getter, watcher], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                return  # the client went away; `finally` frees its rows
-            item = getter.result()
-            if isinstance(item, BaseException):
-                err = APIError(500, f"generation failed: {item}", None, "internal_error")
-                yield f"data: {json.dumps(err.body())}\n\n"
-                return
-            # one choice per chunk, as OpenAI streams n > 1 (clients read chunk.choices[0])
-            out = []
-            for u in item:
-                out.append(chunk([{"index": u.row, "text": u.text,
-                                   "finish_reason": u.finish_reason if u.finished else None, "logprobs": None}]))
-                if u.finished:
-                    used += u.completion_tokens
-                    left -= 1
-            yield "".join(out)
+        async with contextlib.aclosing(_job_updates(request, updates)) as batches:
+            async for item in batches:
+                if isinstance(item, BaseException):
+                    err = APIError(500, f"generation failed: {item}", None, "internal_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    return
+                # one choice per chunk, as OpenAI streams n > 1 (clients read chunk.choices[0])
+                out = []
+                for u in item:
+                    out.append(chunk([{"index": u.row, "text": u.text,
+                                       "finish_reason": u.finish_reason if u.finished else None, "logprobs": None}]))
+                    if u.finished:
+                        used += u.completion_tokens
+                        left -= 1
+                yield "".join(out)
+                if not left:
+                    break
+        if left:
+            return  # the client went away; `finally` frees its rows
         if include_usage:
             yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": used,
                              "total_tokens": prompt_tokens + used})
         yield "data: [DONE]\n\n"
     finally:
-        watcher.cancel()
         if left:
             scheduler.cancel(job)
 
