@@ -346,7 +346,8 @@ def test_a_stalled_stream_does_not_block_others_and_a_dropped_one_frees_its_row(
 
 
 def test_char_model_prompt_outside_its_vocabulary_is_a_400():
-    from gptkit.serve import APIError, ServeConfig, parse_completion_request, _SafeTokenizer
+    from gptkit.serve import ServeConfig
+    from gptkit.serve.protocol import APIError, _SafeTokenizer, parse_completion_request
     from gptkit.tokenizer import CharTokenizer
 
     tok = _SafeTokenizer(CharTokenizer("abc \n"))
