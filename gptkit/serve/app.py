@@ -29,9 +29,10 @@ from pathlib import Path
 from gptkit.errors import GptkitError
 from gptkit.inference import load_for_inference
 from gptkit.runtime import setup_threads
-from gptkit.serve import protocol
 from gptkit.serve.config import ServeConfig
-from gptkit.serve.protocol import MAX_BODY, APIError, _SafeTokenizer, parse_completion_request
+from gptkit.serve.protocol import (MAX_BODY, APIError, _SafeTokenizer, body_too_large, check_api_key, completion_choice,
+                                   completion_chunk, completion_response, decode_json, generation_failed, models_list,
+                                   parse_completion_request, route_error, token_usage)
 from gptkit.serve.scheduler import Job, Scheduler
 
 
@@ -57,10 +58,10 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
-        return error_response(protocol.route_error(e.status_code, request.method, request.url.path, e.detail))
+        return error_response(route_error(e.status_code, request.method, request.url.path, e.detail))
 
     def check_key(request: Request) -> None:
-        protocol.check_api_key(request.headers.get("authorization", ""), api_key)
+        check_api_key(request.headers.get("authorization", ""), api_key)
 
     @app.get("/health")
     async def health():
@@ -74,12 +75,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return protocol.models_list(model_name, started)
+        return models_list(model_name, started)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
-        body = protocol.decode_json(await _read_body(request))
+        body = decode_json(await _read_body(request))
         req = parse_completion_request(body, tokenizer, block_size, model_name, config)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -102,7 +103,7 @@ async def _read_body(request) -> bytes:
     async for part in request.stream():
         raw += part
         if len(raw) > MAX_BODY:
-            raise protocol.body_too_large()
+            raise body_too_large()
     return bytes(raw)
 
 
@@ -119,7 +120,7 @@ class _Answer:
         self.left = job.rows  # rows not finished yet
 
     def usage(self) -> dict:
-        return protocol.usage(self.prompt_tokens, self.job.completion_tokens)
+        return token_usage(self.prompt_tokens, self.job.completion_tokens)
 
     async def json(self) -> dict | None:
         """The whole completion (None if the client went away first)."""
@@ -129,7 +130,7 @@ class _Answer:
             async with contextlib.aclosing(_job_events(self.request, self.events)) as batches:
                 async for item in batches:
                     if isinstance(item, BaseException):
-                        raise protocol.generation_failed(item)
+                        raise generation_failed(item)
                     for ev in item:
                         texts[ev.index].append(ev.text)
                         if ev.finished:
@@ -142,26 +143,26 @@ class _Answer:
                 self.scheduler.cancel(self.job)
         if self.left:
             return None
-        choices = [protocol.completion_choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
-        return protocol.completion_response(self.rid, self.created, self.model, choices, self.usage())
+        choices = [completion_choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
+        return completion_response(self.rid, self.created, self.model, choices, self.usage())
 
     async def sse(self, include_usage: bool):
         """Server-sent events: one chunk per row and step with new text (a row's last chunk carries its
         finish_reason), then a usage chunk if `stream_options.include_usage`, then `data: [DONE]`."""
         def chunk(choices, usage=None) -> str:
-            d = protocol.completion_chunk(self.rid, self.created, self.model, choices, include_usage, usage)
+            d = completion_chunk(self.rid, self.created, self.model, choices, include_usage, usage)
             return _event(d)
 
         try:
             async with contextlib.aclosing(_job_events(self.request, self.events)) as batches:
                 async for item in batches:
                     if isinstance(item, BaseException):
-                        yield _event(protocol.generation_failed(item).body())
+                        yield _event(generation_failed(item).body())
                         return
                     # one choice per chunk, as OpenAI streams n > 1 (clients read chunk.choices[0])
                     out = []
                     for ev in item:
-                        out.append(chunk([protocol.completion_choice(ev.index, ev.text,
+                        out.append(chunk([completion_choice(ev.index, ev.text,
                                                                      ev.finish_reason if ev.finished else None)]))
                         self.left -= ev.finished
                     yield "".join(out)

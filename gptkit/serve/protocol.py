@@ -239,7 +239,7 @@ class _SafeTokenizer:
 # ----------------------------------------------------------------------------------------------
 # responses
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
