@@ -9,6 +9,7 @@ import sys
 
 from gptkit import __version__
 from gptkit.errors import GptkitError
+from gptkit.serve import ServeConfig, serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -228,8 +229,6 @@ def _serve(p):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
     def run(a):
-        from gptkit.serve import ServeConfig, serve
-
         cfg = ServeConfig(max_batch=a.max_batch, queue_size=a.queue_size, max_cohorts=a.max_cohorts,
                           batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit)
         serve(a.model, a.host, a.port, a.api_key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
