@@ -151,19 +151,19 @@ class _Answer:
         finish_reason), then a usage chunk if `stream_options.include_usage`, then `data: [DONE]`."""
         def chunk(choices, usage=None) -> str:
             d = completion_chunk(self.rid, self.created, self.model, choices, include_usage, usage)
-            return _event(d)
+            return _sse_event(d)
 
         try:
             async with contextlib.aclosing(_job_events(self.request, self.events)) as batches:
                 async for item in batches:
                     if isinstance(item, BaseException):
-                        yield _event(generation_failed(item).body())
+                        yield _sse_event(generation_failed(item).body())
                         return
                     # one choice per chunk, as OpenAI streams n > 1 (clients read chunk.choices[0])
                     out = []
                     for ev in item:
-                        out.append(chunk([completion_choice(ev.index, ev.text,
-                                                                     ev.finish_reason if ev.finished else None)]))
+                        reason = ev.finish_reason if ev.finished else None
+                        out.append(chunk([completion_choice(ev.index, ev.text, reason)]))
                         self.left -= ev.finished
                     yield "".join(out)
                     if not self.left:
@@ -178,7 +178,8 @@ class _Answer:
                 self.scheduler.cancel(self.job)
 
 
-def _event(data: dict) -> str:
+def _sse_event(data: dict) -> str:
+    """One server-sent event carrying `data` as JSON."""
     return f"data: {json.dumps(data)}\n\n"
 
 
