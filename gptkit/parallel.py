@@ -14,16 +14,18 @@ Where the processes come from (torchrun's environment) is read in runtime.py onl
 from __future__ import annotations
 
 import base64
+import contextlib
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from gptkit.model import GPT
 
 
 def enable_activation_checkpointing(model: GPT) -> None:
     """Recompute each transformer block's activations in backward instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in model.transformer.h:
         fwd = block.forward
         # an instance attribute shadows the class's forward; module hooks (FSDP's) still run around it
@@ -31,13 +33,13 @@ def enable_activation_checkpointing(model: GPT) -> None:
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def wrap_fsdp(model: GPT) -> GPT:
     """Shard `model` in place: one FSDP unit per block, plus the root (embeddings, ln_f, lm_head)."""
+    # FSDP and distributed checkpointing load DTensor and sympy (seconds of start-up, which the
+    # time budget counts): imported only by the runs that shard
     from torch.distributed.fsdp import fully_shard
 
     for block in model.transformer.h:
@@ -46,14 +48,8 @@ def wrap_fsdp(model: GPT) -> GPT:
     return model
 
 
-def is_fsdp(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
-
-
 def set_gradient_sync(model: torch.nn.Module, sync: bool):
     """A context for one micro-step: gradients are reduced across ranks only when `sync`."""
-    import contextlib
-
     if hasattr(model, "no_sync"):  # DDP
         return contextlib.nullcontext() if sync else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -101,8 +97,6 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 def gather_rng(device: torch.device) -> list[str]:
     """Every rank's RNG state (base64; the CUDA one on CUDA), gathered on all ranks: each rank
     draws its own dropout masks, so each resumes its own stream."""
-    import torch.distributed as dist
-
     mine = (torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()).to(device)
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(out, mine)
