@@ -98,7 +98,7 @@ def _prepare(p):
 
 @command("train", "train or fine-tune a GPT-2 model (default: char-level tiny Shakespeare on CPU)")
 def _train(p):
-    from gptkit.train import config_help
+    from gptkit.config import config_help
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = config_help()
@@ -112,7 +112,8 @@ def _train(p):
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any training or model key (listed below)")
 
     def run(a):
-        from gptkit.train import parse_overrides, resolve_config, train
+        from gptkit.config import parse_overrides, resolve_config
+        from gptkit.train import train
 
         ov = parse_overrides(a.overrides)
         for k in ("model", "init", "data", "out", "threads"):
@@ -170,7 +171,7 @@ def _eval(p):
     def run(a):
         import math
 
-        from gptkit.train import evaluate_model
+        from gptkit.evaluate import evaluate_model
 
         loss, n = evaluate_model(a.model, a.data, a.split, a.batch_size, a.block_size, a.device, a.dtype)
         print(f"{a.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} over {n:,} tokens")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptkit.errors import GptkitError, make_dir
-from gptkit.loggers import read_metrics
+from gptkit.metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -92,7 +92,8 @@ def test_torchrun_resume_continues_the_same_curve(char_data, tmp_path):
 
 
 def test_activation_checkpointing_changes_no_math(char_data, tmp_path):
-    from gptkit.train import resolve_config, train
+    from gptkit.config import resolve_config
+    from gptkit.train import train
 
     def run(name, **kw):
         ov = {"data": str(char_data), "out": str(tmp_path / name), "max_steps": "3",

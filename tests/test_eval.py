@@ -75,7 +75,7 @@ def test_eval_matches_transformers_over_the_whole_val_split(tmp_path, gpt2_data,
 
 
 def test_evaluate_model_library_function(tmp_path, gpt2_data):
-    from gptkit.train import evaluate_model
+    from gptkit.evaluate import evaluate_model
 
     hf_dir = tmp_path / "hf"
     hf_model = make_hf_model(hf_dir, vocab_size=50257, n_positions=32, n_embd=32, n_layer=1)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, make_hf_model
-from gptkit.train import resolve_config
+from gptkit.config import resolve_config
 
 CONFIG = ROOT / "gptkit" / "configs" / "finetune-shakespeare.toml"
 

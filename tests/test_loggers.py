@@ -7,7 +7,8 @@ import time
 import pytest
 
 from gptkit.cli import main
-from gptkit.train import resolve_config, train
+from gptkit.config import resolve_config
+from gptkit.train import train
 
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(200))
 

@@ -9,7 +9,8 @@ import torch
 from gptkit.checkpoint import list_checkpoints, load_checkpoint_model
 from gptkit.cli import main
 from gptkit.model import GPT
-from gptkit.train import resolve_config, train
+from gptkit.config import resolve_config
+from gptkit.train import train
 
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(200))
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import gptkit.train as train_mod
-from gptkit.config import GPTConfig
+from gptkit.config import GPTConfig, resolve_config
 from gptkit.model import GPT
 from gptkit.optim import LowPrecisionAdamW, lr_at, make_adamw
 from gptkit.precision import ShadowWeights
 from gptkit.runtime import autocast
-from gptkit.train import resolve_config, train
+from gptkit.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; {i % 5} shall I compare thee?\n"

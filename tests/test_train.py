@@ -8,7 +8,8 @@ import pytest
 from gptkit.config import TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.optim import lr_at
-from gptkit.train import resolve_config, train
+from gptkit.config import resolve_config
+from gptkit.train import train
 
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(400))
 
