@@ -8,6 +8,7 @@ Layout (INTERFACES.md): RUN_DIR/ckpt_<step:08d>/ holding
 
 A checkpoint is written into a hidden temporary directory, flushed, then renamed into place, so a
 crash leaves either the old set of checkpoints or the new one, never a half-written ckpt_*.
+Reading returns plain tensors and JSON (`read_checkpoint`); gptkit.loading builds the model.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from gptkit import __version__
+from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
@@ -130,8 +134,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
     state_dict(). Weights holding NaN or inf are refused, so a diverged state never replaces a
     good checkpoint. A failed write (full disk) leaves the existing checkpoints as they were.
     Returns the checkpoint directory."""
-    from gptkit import __version__
-
     run_dir = Path(run_dir)
     tensors = model if isinstance(model, dict) else model_tensors(model)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -195,8 +197,6 @@ def _umask() -> int:
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
-
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
@@ -269,8 +269,6 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not file.is_file():
         raise GptkitError("missing checkpoint file", file,
                           "the checkpoint is incomplete; use an older ckpt_* directory")
@@ -281,11 +279,9 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
                           "the checkpoint is damaged; use an older ckpt_* directory") from None
 
 
-def load_checkpoint_model(ckpt: Path):
-    """A `Loaded` model (see gptkit.loading) from a checkpoint directory."""
-    from gptkit.config import GPTConfig
-    from gptkit.loading import Loaded, build_model
-
+def read_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint directory's model config, its complete state dict (lm_head tied back to wte)
+    and its state.json; weights holding NaN or inf are refused."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)
     if "model_config" not in state:
@@ -301,5 +297,4 @@ def load_checkpoint_model(ckpt: Path):
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise GptkitError(f"tensor {k} holds NaN or inf", ckpt / MODEL_FILE,
                               "the run diverged before this checkpoint; use an older ckpt_* directory")
-    model = build_model(config, sd, str(ckpt / MODEL_FILE))
-    return Loaded(model, "gptkit", ckpt, chars=state.get("chars"), tokenizer_dir=ckpt, state=state)
+    return config, sd, state

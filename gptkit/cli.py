@@ -4,12 +4,13 @@ library function; user errors (GptkitError) become one line on stderr and exit c
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
-from gptkit import __version__
+# modules, not their functions: a runner looks its library function up when it runs (tests patch them)
+from gptkit import __version__, bench, config, convert, data, evaluate, plot, prepare, sample, serve, train, validate
 from gptkit.errors import GptkitError
-from gptkit.serve import ServeConfig, serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Subcommands. Each function adds its options to `p` and returns the function that runs it.
-# Library imports happen inside the runner so `gptkit --help` stays fast.
 
 
 @command("prepare", "tokenize a preset or text into llm.c token shards + meta.json")
@@ -86,11 +86,8 @@ def _prepare(p):
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
 
     def run(a):
-        from gptkit.data import read_meta
-        from gptkit.prepare import prepare
-
-        out = prepare(a.source, a.tokenizer, a.input, a.out, a.shard_size, a.val_fraction, a.vocab)
-        m = read_meta(out)
+        out = prepare.prepare(a.source, a.tokenizer, a.input, a.out, a.shard_size, a.val_fraction, a.vocab)
+        m = data.read_meta(out)
         print(f"wrote {out}: {m['train_tokens']:,} train and {m['val_tokens']:,} val tokens "
               f"({m['tokenizer']}, vocab {m['vocab_size']})")
     return run
@@ -98,10 +95,8 @@ def _prepare(p):
 
 @command("train", "train or fine-tune a GPT-2 model (default: char-level tiny Shakespeare on CPU)")
 def _train(p):
-    from gptkit.config import config_help
-
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = config_help()
+    p.epilog = config.config_help()
     p.add_argument("--config", help="TOML file of training keys (a [model] table for architecture keys)")
     p.add_argument("--model", help="architecture: a preset (gpt2, gpt2-medium, ..., shakespeare-char) or a model path")
     p.add_argument("--init", help="weights: scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a model path")
@@ -112,18 +107,15 @@ def _train(p):
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any training or model key (listed below)")
 
     def run(a):
-        from gptkit.config import parse_overrides, resolve_config
-        from gptkit.train import train
-
-        ov = parse_overrides(a.overrides)
+        ov = config.parse_overrides(a.overrides)
         for k in ("model", "init", "data", "out", "threads"):
             v = getattr(a, k)
             if v is not None:
                 if k in ov:
                     raise GptkitError(f"--{k} and {k}= both given", f"--{k}", "give it once")
                 ov[k] = str(v)
-        cfg, model_ov = resolve_config(a.config, ov)
-        res = train(cfg, model_ov, resume=a.resume)
+        cfg, model_ov = config.resolve_config(a.config, ov)
+        res = train.train(cfg, model_ov, resume=a.resume)
         return 0 if res is not None else 1
     return run
 
@@ -150,9 +142,7 @@ def _sample(p):
     p.add_argument("--truncate", action="store_true", help="cut a too-long prompt to its last tokens (warns)")
 
     def run(a):
-        from gptkit.sample import run_sample
-
-        run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
+        sample.run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
                    a.vocab, a.device, stop=a.stop, repetition_penalty=a.repetition_penalty, num_beams=a.num_beams,
                    length_penalty=a.length_penalty, dtype=a.dtype, truncate=a.truncate)
     return run
@@ -169,11 +159,7 @@ def _eval(p):
     p.add_argument("--dtype", default="float32")
 
     def run(a):
-        import math
-
-        from gptkit.evaluate import evaluate_model
-
-        loss, n = evaluate_model(a.model, a.data, a.split, a.batch_size, a.block_size, a.device, a.dtype)
+        loss, n = evaluate.evaluate_model(a.model, a.data, a.split, a.batch_size, a.block_size, a.device, a.dtype)
         print(f"{a.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} over {n:,} tokens")
     return run
 
@@ -188,9 +174,7 @@ def _convert(p):
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory (for llm.c's tokenizer.bin)")
 
     def run(a):
-        from gptkit.convert import convert
-
-        res = convert(a.src, a.dst, a.to, a.vocab)
+        res = convert.convert(a.src, a.dst, a.to, a.vocab)
         for note in res.notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {res.dst} ({a.to}): {', '.join(f.name for f in res.files)}")
@@ -204,9 +188,7 @@ def _validate(p):
     p.add_argument("--steps", type=int, default=10, help="AdamW steps on the state's batch (default 10)")
 
     def run(a):
-        from gptkit.validate import validate
-
-        return 0 if validate(a.model, a.debug_state, a.steps).ok else 1
+        return 0 if validate.validate(a.model, a.debug_state, a.steps).ok else 1
     return run
 
 
@@ -230,9 +212,9 @@ def _serve(p):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
     def run(a):
-        cfg = ServeConfig(max_batch=a.max_batch, queue_size=a.queue_size, max_cohorts=a.max_cohorts,
+        cfg = serve.ServeConfig(max_batch=a.max_batch, queue_size=a.queue_size, max_cohorts=a.max_cohorts,
                           batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit)
-        serve(a.model, a.host, a.port, a.api_key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
+        serve.serve(a.model, a.host, a.port, a.api_key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
     return run
 
 
@@ -242,24 +224,20 @@ def _plot(p):
     p.add_argument("--out", help="PNG file to write (default: RUN_DIR/loss.png)")
 
     def run(a):
-        from gptkit.plot import plot_run
-
-        print(f"wrote {plot_run(a.run_dir, a.out)}")
+        print(f"wrote {plot.plot_run(a.run_dir, a.out)}")
     return run
 
 
 @command("bench", "benchmarks: training steps (train) and generation (generate)")
 def _bench(p):
-    from gptkit.bench import TARGETS
-
     sub = p.add_subparsers(dest="target", metavar="<target>", parser_class=_Parser)
-    for name, (add_arguments, run, help) in TARGETS.items():
+    for name, (add_arguments, run, help) in bench.TARGETS.items():
         sp = sub.add_parser(name, help=help, description=help)
         add_arguments(sp)
         sp.set_defaults(_bench_run=run)
 
     def run(a):
         if not getattr(a, "_bench_run", None):
-            raise GptkitError("missing benchmark target", "bench", f"use one of: {', '.join(TARGETS)}")
+            raise GptkitError("missing benchmark target", "bench", f"use one of: {', '.join(bench.TARGETS)}")
         return a._bench_run(a)
     return run

@@ -16,8 +16,13 @@ from pathlib import Path
 
 import torch
 
+from gptkit.checkpoint import save_checkpoint
 from gptkit.config import GPT2_VOCAB_SIZE
 from gptkit.errors import GptkitError, make_dir
+from gptkit.formats import llmc
+from gptkit.formats.hf import save_hf
+from gptkit.loading import load_model
+from gptkit.tokenizer import gpt2_tokenizer
 
 TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -33,22 +38,16 @@ class ConvertResult:
 
 def llmc_tokenizer_for(loaded, vocab: str | Path | None = None):
     """The tokenizer.bin content for a loaded model, or None where it has no tokenizer of its own."""
-    from gptkit.formats import llmc
-
     if loaded.chars:
         return llmc.char_tokenizer(loaded.chars)
     if loaded.model.config.vocab_size != GPT2_VOCAB_SIZE:
         return None
-    from gptkit.tokenizer import gpt2_tokenizer
-
     tok = gpt2_tokenizer(vocab, loaded.tokenizer_dir)
     return llmc.LlmcTokenizer([tok.token_bytes(i) for i in range(GPT2_VOCAB_SIZE)], tok.eot, 2)
 
 
 def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None) -> ConvertResult:
     """Load SRC and write it to DST in format `to` (one of TARGETS)."""
-    from gptkit.loading import load_model
-
     if to not in TARGETS:
         raise GptkitError(f"unknown target format {to!r}", "--to", f"use one of {', '.join(TARGETS)}")
     dst = Path(dst)
@@ -59,16 +58,12 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
     res = ConvertResult(dst)
 
     if to == "gptkit":
-        from gptkit.checkpoint import save_checkpoint
-
         state = {"model_config": config.to_dict(), "converted_from": str(src)}
         if loaded.chars:
             state["chars"] = loaded.chars
         ckpt = save_checkpoint(dst, int(loaded.state.get("step", 0)), model, state)
         res.files += sorted(ckpt.iterdir())
     elif to == "hf":
-        from gptkit.formats.hf import save_hf
-
         save_hf(model, dst)
         res.files += [dst / "config.json", dst / "model.safetensors"]
         tdir = loaded.tokenizer_dir
@@ -80,8 +75,6 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
         if loaded.chars:
             res.notes.append("Hugging Face has no char-level tokenizer: the char vocab is not exported")
     else:
-        from gptkit.formats import llmc
-
         make_dir(dst, "DST")
         dtype = torch.bfloat16 if to == "llmc-bf16" else torch.float32
         llmc.write_model(dst / "model.bin", model.state_dict(), config, dtype)

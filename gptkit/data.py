@@ -20,11 +20,8 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-
-SHARD_MAGIC, SHARD_VERSION = 20240520, 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-MAX_UINT16_VOCAB = 65535
+from gptkit.formats.llmc import (HEADER_BYTES, HEADER_INTS, MAX_SHARD_TOKEN, SHARD_MAGIC, SHARD_VERSION,
+                                 read_header_bytes)
 
 
 class ShardWriter:
@@ -40,7 +37,7 @@ class ShardWriter:
 
     def write(self, tokens) -> None:
         toks = np.asarray(tokens)
-        if toks.size and (toks.min() < 0 or toks.max() > MAX_UINT16_VOCAB):
+        if toks.size and (toks.min() < 0 or toks.max() > MAX_SHARD_TOKEN):
             self.abort()
             raise GptkitError(f"token ids must fit uint16, found range [{toks.min()}, {toks.max()}]", self.path,
                               "vocabularies above 65,535 tokens are not supported by the shard format yet")
@@ -70,8 +67,6 @@ def write_shard(path: str | Path, tokens) -> None:
 
 def read_header(path: str | Path) -> int:
     """Check a shard's header and size; return its token count."""
-    from gptkit.formats.llmc import read_header_bytes
-
     path = Path(path)
     raw, size = read_header_bytes(path, "shard")
     if len(raw) < HEADER_BYTES:

@@ -3,6 +3,8 @@
 INTERFACES.md: `error: <what> (<file or option>): <hint>`, exit code 2, no traceback.
 """
 
+from pathlib import Path
+
 
 class GptkitError(Exception):
     """A user error: bad file, option or value. `where` names the file or option."""
@@ -22,8 +24,6 @@ class GptkitError(Exception):
 
 def make_dir(path, where: str):
     """mkdir -p for an output the user named: a failure is a user error naming the path, not a traceback."""
-    from pathlib import Path
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

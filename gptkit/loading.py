@@ -18,8 +18,13 @@ from typing import Any
 
 import torch
 
+from gptkit import checkpoint
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
+from gptkit.formats import hf
+from gptkit.formats.hub import download_pretrained
+from gptkit.formats.llmc import MODEL_MAGIC, chars_beside, read_model
+from gptkit.formats.tf import load_tf
 from gptkit.model import GPT
 
 PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -58,32 +63,33 @@ def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], where: s
     return model.eval()
 
 
+def load_checkpoint_model(ckpt: Path) -> Loaded:
+    """A gptkit checkpoint directory's model, with its char vocab and state.json."""
+    ckpt = Path(ckpt)
+    config, sd, state = checkpoint.read_checkpoint(ckpt)
+    model = build_model(config, sd, str(ckpt / checkpoint.MODEL_FILE))
+    return Loaded(model, "gptkit", ckpt, chars=state.get("chars"), tokenizer_dir=ckpt, state=state)
+
+
 def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
     """Recognise `path_or_name` by content and load it onto the CPU in fp32."""
-    from gptkit import checkpoint
-    from gptkit.formats import hf
-
     s = str(path_or_name)
     path = Path(path_or_name)
     if not path.exists():
         if s in PRETRAINED_NAMES or s.startswith("openai-community/"):
-            from gptkit.formats.hub import download_pretrained
-
             return load_model(download_pretrained(s, **kwargs))
         raise GptkitError("no such file or directory", s,
                           f"give a run/checkpoint/HF directory, an llm.c .bin, or one of {', '.join(PRETRAINED_NAMES)}")
     if path.is_dir():
         ckpt = checkpoint.find_checkpoint(path)
         if ckpt is not None:
-            return checkpoint.load_checkpoint_model(ckpt)
+            return load_checkpoint_model(ckpt)
         if hf.is_hf_dir(path):
             config, sd = hf.load_hf(path)
             return Loaded(build_model(config, sd, str(path)), "hf", path, tokenizer_dir=path)
         if (path / "model.bin").is_file():  # an llm.c export: model.bin (+ tokenizer.bin)
             return load_model(path / "model.bin", **kwargs)
         if (path / "model.ckpt.index").is_file():
-            from gptkit.formats.tf import load_tf
-
             config, sd = load_tf(path)
             return Loaded(build_model(config, sd, str(path)), "tf", path, tokenizer_dir=path)
         raise GptkitError("not a model directory", path,
@@ -91,9 +97,7 @@ def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
                           "(config.json + model.safetensors) or an OpenAI TF checkpoint (model.ckpt.index)")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head == (20240326).to_bytes(4, "little"):
-        from gptkit.formats.llmc import chars_beside, read_model
-
+    if head == MODEL_MAGIC.to_bytes(4, "little"):
         config, sd = read_model(path)
         return Loaded(build_model(config, sd, str(path)), "llmc", path, chars=chars_beside(path, config.vocab_size),
                       tokenizer_dir=path.parent)

@@ -14,6 +14,7 @@ Preset text is found in this order: --input FILE; $GPTKIT_DATA/tinyshakespeare.t
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -23,8 +24,12 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from gptkit.data import MAX_SHARD_TOKEN, ShardWriter
 from gptkit.errors import GptkitError, make_dir
+from gptkit.paths import cache_dir, data_file
+from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
 PRESETS = ("shakespeare-char", "shakespeare")
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -33,14 +38,8 @@ LLMC_SHAKESPEARE_VAL_TOKENS = 32768
 DEFAULT_SHARD_SIZE = 100_000_000
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPTKIT_CACHE") or Path.home() / ".cache" / "gptkit")
-
-
 def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
     """Fetch `url` into `dest` atomically (a partial download never appears under dest's name)."""
-    from tqdm.auto import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
@@ -65,9 +64,9 @@ def shakespeare_text_path(input: str | Path | None = None) -> Path:
         if not p.is_file():
             raise GptkitError("input file not found", p, "give an existing text file")
         return p
-    data = os.environ.get("GPTKIT_DATA")
-    if data and (Path(data) / SHAKESPEARE_FILE).is_file():
-        return Path(data) / SHAKESPEARE_FILE
+    in_data = data_file(SHAKESPEARE_FILE)
+    if in_data is not None:
+        return in_data
     cached = cache_dir() / SHAKESPEARE_FILE
     if cached.is_file():
         return cached
@@ -76,7 +75,6 @@ def shakespeare_text_path(input: str | Path | None = None) -> Path:
 
 CHUNK_BYTES = 1 << 20  # text is read, decoded and tokenized this many bytes at a time
 COPY_TOKENS = 1 << 20  # tokens copied per step from the spool into the shards
-MAX_SHARD_VOCAB = 65535  # uint16 shards
 # A split point that GPT-2's pre-tokenisation regex would also split at: before one space or
 # newline that has an ASCII letter/digit on both sides ("abc| def", "abc|\ndef"). Encoding the
 # two sides separately then gives exactly the tokens of the whole.
@@ -105,8 +103,6 @@ def read_text(path: Path) -> str:
 
 def iter_text(path: Path, chunk_bytes: int = CHUNK_BYTES, progress=None):
     """A UTF-8 text file as str chunks of about chunk_bytes, decoded incrementally (strict)."""
-    import codecs
-
     dec = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     try:
@@ -216,8 +212,6 @@ class _SpoolView:
 
 def write_split(out: Path, split: str, tokens: np.ndarray, shard_size: int) -> list[Path]:
     """Write a split as one file, or numbered shards of shard_size tokens when it is larger."""
-    from gptkit.data import ShardWriter
-
     for old in list(out.glob(f"{split}.bin")) + list(out.glob(f"{split}_*.bin")):
         old.unlink()
     n = len(tokens)
@@ -253,10 +247,6 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
 
     Text files stream through: memory stays bounded whatever the corpus size (the tokens are
     spooled to a temporary file in OUT, then cut into the train/val shards)."""
-    from tqdm.auto import tqdm
-
-    from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
-
     if shard_size <= 0:
         raise GptkitError(f"shard size must be positive, got {shard_size}", "--shard-size",
                           "give a positive number of tokens per shard")
@@ -290,9 +280,9 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
     try:
         if kind == "char":
             chars = _char_vocab(docs, bar)  # first pass: the vocabulary
-            if len(chars) > MAX_SHARD_VOCAB:
+            if len(chars) > MAX_SHARD_TOKEN:
                 raise GptkitError(f"the text has {len(chars):,} distinct characters; shards hold token ids up to "
-                                  f"{MAX_SHARD_VOCAB:,}", src_path,
+                                  f"{MAX_SHARD_TOKEN:,}", src_path,
                                   "vocabularies above 65,535 need uint32 shards, which are not supported yet; "
                                   "use --tokenizer gpt2")
             tok = CharTokenizer(chars)
@@ -304,7 +294,7 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
             meta.update(vocab_size=tok.vocab_size, chars=tok.chars)
         else:
             tok = gpt2_tokenizer(vocab)
-            if tok.vocab_size > MAX_SHARD_VOCAB:
+            if tok.vocab_size > MAX_SHARD_TOKEN:
                 raise GptkitError(f"vocabulary of {tok.vocab_size:,} tokens exceeds the uint16 shards' 65,535",
                                   "--vocab", "uint32 shards are not supported yet")
             if llmc_shakespeare:

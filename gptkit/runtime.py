@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from gptkit.errors import GptkitError
 
@@ -84,7 +85,7 @@ def setup_threads(threads: int = 0) -> int:
     """Set PyTorch's CPU threads; 0 = automatic: PyTorch's default (one per core), except on a small
     machine whose cores other processes keep busy, where one thread is used. An OpenMP team whose
     threads share cores with other work stalls at every barrier: measured on 2 busy cores, 2 threads
-    ran the main job's steps 2-7x slower than 1 (and 1.6x faster than 1 on idle cores). Returns the
+    ran the default training run's steps 2-7x slower than 1 (and 1.6x faster than 1 on idle cores). Returns the
     number of threads."""
     if threads <= 0:
         cores = os.cpu_count() or 1
@@ -185,8 +186,6 @@ def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), pick_device(device_name)
-    import torch.distributed as dist
-
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -198,8 +197,6 @@ def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
 
 
 def teardown_distributed(barrier: bool = True) -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()

@@ -10,13 +10,17 @@ Accepted formats: tiktoken's `.tiktoken`, OpenAI's `encoder.json` + `vocab.bpe`,
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
 from typing import Iterable
 
+import tiktoken
+
 from gptkit.config import GPT2_EOT, GPT2_VOCAB_SIZE
 from gptkit.errors import GptkitError
+from gptkit.paths import data_file
 
 EOT_TEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex (tiktoken's r50k/gpt2 pattern)
@@ -97,8 +101,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _encoding_from_ranks(ranks: dict[bytes, int], source: str):
-    import tiktoken
-
     if len(ranks) != GPT2_EOT or sorted(ranks.values()) != list(range(GPT2_EOT)):
         raise GptkitError(f"vocabulary has {len(ranks)} tokens, GPT-2's has ranks 0..{GPT2_EOT - 1} plus {EOT_TEXT}",
                           source, "point --vocab at GPT-2's vocabulary")
@@ -174,8 +176,6 @@ def _ranks_from_tokenizer_json(path: Path) -> dict[bytes, int]:
 def _ranks_from_tiktoken(path: Path) -> dict[bytes, int]:
     """tiktoken's format: `base64(token bytes) rank` per line. Read here rather than through
     tiktoken.load, which caches local files under their path and would serve a stale copy."""
-    import base64
-
     ranks = {}
     for n, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
@@ -229,14 +229,12 @@ def gpt2_tokenizer(vocab: str | Path | None = None, model_dir: str | Path | None
         return load_bpe_vocab(vocab)
     if os.environ.get("GPTKIT_GPT2_VOCAB"):
         return load_bpe_vocab(os.environ["GPTKIT_GPT2_VOCAB"])
-    data = os.environ.get("GPTKIT_DATA")
-    if data and (Path(data) / "gpt2.tiktoken").is_file():
-        return load_bpe_vocab(Path(data) / "gpt2.tiktoken")
+    in_data = data_file("gpt2.tiktoken")
+    if in_data is not None:
+        return load_bpe_vocab(in_data)
     if model_dir is not None and has_bpe_files(Path(model_dir)):
         return load_bpe_vocab(model_dir)
     try:
-        import tiktoken
-
         return BPETokenizer(tiktoken.get_encoding("gpt2"))
     except Exception as e:
         raise GptkitError(f"GPT-2 vocabulary not available ({type(e).__name__})", "--vocab",

@@ -29,7 +29,7 @@ from gptkit.config import MODEL_PRESETS, GPTConfig, TrainConfig, model_preset, w
 from gptkit.data import TokenLoader, read_meta
 from gptkit.errors import GptkitError, make_dir
 from gptkit.evaluate import estimate_loss, evaluate
-from gptkit.loading import build_model, load_model
+from gptkit.loading import build_model, load_checkpoint_model, load_model
 from gptkit.metrics import RunLogger, truncate_metrics
 from gptkit.model import GPT
 from gptkit.optim import lr_at, make_adamw
@@ -402,7 +402,7 @@ def build_run_model(cfg: TrainConfig, model_overrides: dict[str, Any], attention
     """The model to train and its char vocab: from the checkpoint, from --init weights, or from scratch."""
     chars = meta.get("chars")
     if resume_ckpt is not None:
-        loaded = ckpt_lib.load_checkpoint_model(resume_ckpt)
+        loaded = load_checkpoint_model(resume_ckpt)
         return loaded.model, loaded.chars or chars
     if cfg.init != "scratch":
         loaded = load_model(cfg.init)

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.formats.llmc import MODEL_ORDER, DebugState, stack_param, read_state
+from gptkit.formats.llmc import MODEL_ORDER, DebugState, read_state, stack_param, write_state
+from gptkit.loading import load_model
 
 LOGITS_TOL, LOSS_TOL, GRAD_TOL = 1e-2, 1e-2, 2e-2
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY = 1e-4, 0.9, 0.999, 1e-8, 0.01
@@ -75,8 +76,6 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def validate(model_path: str | Path, state_path: str | Path, steps: int = 10,
              log: Callable[[str], None] = print) -> ValidateResult:
     """Compare MODEL against the debug state and run `steps` AdamW updates; see the module docstring."""
-    from gptkit.loading import load_model
-
     if steps < 0:
         raise GptkitError(f"--steps must be >= 0, got {steps}", "--steps", "give 0 or more steps")
     loaded = load_model(model_path)
@@ -124,8 +123,6 @@ def validate(model_path: str | Path, state_path: str | Path, steps: int = 10,
 
 def write_debug_state(model, x: torch.Tensor, y: torch.Tensor, path: str | Path) -> DebugState:
     """Write the debug state of a gptkit model on (x, y), as llm.c's train_gpt2.py does."""
-    from gptkit.formats.llmc import write_state
-
     st = debug_state(model, x, y)
     write_state(path, st, model.config)
     return st

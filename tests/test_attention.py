@@ -16,7 +16,7 @@ import torch
 
 from gptkit import GPT, GPTConfig
 from gptkit.attention import attend, math_attention
-from gptkit.flash import dropout_keep_mask, flash_attention
+from gptkit.attention.flash import dropout_keep_mask, flash_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install gptkit[triton])")
@@ -140,7 +140,7 @@ TRITON_CASES = {k: (1,) + c[1:] if c[2] < 24 else (1, c[1], 24, 24) + c[4:] for 
 @needs_triton
 @pytest.mark.parametrize("case", TRITON_CASES.values(), ids=TRITON_CASES.keys())
 def test_triton_kernels_match_math_over_many_tiles(case):
-    from gptkit.triton_attention import triton_attention
+    from gptkit.attention.triton import triton_attention
 
     check_against_math(lambda q, k, v, off, km: triton_attention(q, k, v, q_offset=off, key_mask=km,
                                                                  block_m=16, block_n=16), case)
@@ -152,7 +152,7 @@ def test_triton_refuses_dropout_and_the_cpu_without_the_interpreter():
     import sys
 
     from gptkit.errors import GptkitError
-    from gptkit.triton_attention import triton_attention
+    from gptkit.attention.triton import triton_attention
 
     q = torch.zeros(1, 1, 4, 16)
     with pytest.raises(GptkitError, match="dropout"):
@@ -239,7 +239,7 @@ def test_unknown_backend_is_rejected():
 
 @pytest.mark.slow
 def test_flash_and_sdpa_peak_at_most_half_of_math_memory():
-    from gptkit.bench_attention import format_table, measure_attention
+    from gptkit.bench.attention import format_table, measure_attention
 
     rows = {r["backend"]: r for r in measure_attention(("math", "sdpa", "flash"), T=2048, n_head=12, head_size=64,
                                                        repeats=1)}
@@ -249,7 +249,7 @@ def test_flash_and_sdpa_peak_at_most_half_of_math_memory():
 
 
 def test_attention_benchmark_reports_peak_memory_and_time(capsys):
-    from gptkit.bench_attention import main
+    from gptkit.bench.attention import main
 
     main(["--backends", "flash", "--T", "64", "--heads", "2", "--head-size", "16", "--repeats", "1", "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

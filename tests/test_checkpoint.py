@@ -11,6 +11,7 @@ import torch
 from gptkit import GPT, GPTConfig
 from gptkit import checkpoint as ck
 from gptkit.errors import GptkitError
+from gptkit.loading import load_checkpoint_model
 from gptkit.optim import make_adamw
 
 
@@ -43,7 +44,7 @@ def test_save_and_load_round_trip_model_and_optimizer(tmp_path):
     m, opt, names = _trained()
     path = ck.save_checkpoint(tmp_path / "run", 2, m, _state(m), opt, names)
     assert path.name == "ckpt_00000002" and ck.find_checkpoint(tmp_path / "run") == path
-    loaded = ck.load_checkpoint_model(path).model
+    loaded = load_checkpoint_model(path).model
     for k, v in m.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
     m2 = _model(1)
@@ -158,7 +159,7 @@ def test_clean_partial_removes_temporaries_and_restores_a_checkpoint_moved_aside
     assert ck.list_checkpoints(run) == []
     ck.clean_partial(run)
     assert [p.name for p in run.iterdir()] == ["ckpt_00000005"]
-    ck.load_checkpoint_model(run / "ckpt_00000005")
+    load_checkpoint_model(run / "ckpt_00000005")
 
 
 def test_checkpoint_directory_gets_the_umask_permissions_not_mkdtemp_0700(tmp_path):

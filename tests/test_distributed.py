@@ -73,7 +73,7 @@ def test_two_ranks_times_k_equal_one_process_times_2k(char_data, tmp_path, extra
     assert r.stdout.count("done: ") == 1
     assert sorted(p.name for p in (tmp_path / "two").glob("ckpt_*"))[-1] == "ckpt_00000005"
     # the checkpoint holds full tensors: it resumes in a single process, on the same curve
-    from gptkit.checkpoint import load_checkpoint_model
+    from gptkit.loading import load_checkpoint_model
 
     sd_two = load_checkpoint_model(tmp_path / "two" / "ckpt_00000005").model.state_dict()
     sd_one = load_checkpoint_model(tmp_path / "one" / "ckpt_00000005").model.state_dict()

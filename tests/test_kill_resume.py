@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gptkit.checkpoint import OPTIM_FILE, list_checkpoints, load_checkpoint_model, read_state, read_tensors
+from gptkit.checkpoint import OPTIM_FILE, list_checkpoints, read_state, read_tensors
+from gptkit.loading import load_checkpoint_model
 from gptkit.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from gptkit.checkpoint import list_checkpoints, load_checkpoint_model
+from gptkit.checkpoint import list_checkpoints
+from gptkit.loading import load_checkpoint_model
 from gptkit.cli import main
 from gptkit.model import GPT
 from gptkit.config import resolve_config

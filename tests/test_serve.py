@@ -359,7 +359,7 @@ def test_char_model_prompt_outside_its_vocabulary_is_a_400():
 
 
 def test_serve_cli_starts_a_server_named_after_the_model(tiny):
-    from gptkit.loadtest import ServerProcess
+    from gptkit.bench.loadtest import ServerProcess
 
     with ServerProcess(tiny[0], api_key=KEY, extra_args=["--threads", "1"]) as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -382,7 +382,7 @@ def test_serve_cli_reports_bad_options_in_one_line(capsys, tiny):
 @pytest.mark.slow
 def test_load_50_clients_x_5_requests_all_answered_and_memory_flat(tiny):
     """The issue's load test: the server in its own process, so its RSS is its own."""
-    from gptkit.loadtest import ServerProcess, format_report, run_load
+    from gptkit.bench.loadtest import ServerProcess, format_report, run_load
 
     with ServerProcess(tiny[0], api_key=KEY) as srv:
         r = run_load(srv.url, clients=50, requests=5, max_tokens=16, api_key=KEY)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError, make_dir
@@ -88,8 +89,6 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     st = path / "model.safetensors"
     if st.is_file():
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(st))
         except Exception as e:  # safetensors raises its own error types for damaged files
@@ -161,8 +160,6 @@ def load_hf(path: Path):
 
 def save_hf(model, path: Path) -> None:
     """Write `model` as a directory transformers loads: config.json + model.safetensors."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     make_dir(path, "output directory")
     tensors = state_dict_to_hf(model.state_dict(), model.config)

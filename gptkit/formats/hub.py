@@ -16,6 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
 from gptkit.errors import GptkitError
 
 REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -47,9 +50,6 @@ def hub_settings() -> dict:
 
 def download_pretrained(name: str, revision: str | None = None, **_ignored) -> Path:
     """Download (or find in the cache) a pretrained GPT-2 and return its local directory."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     repo = repo_id(name)
     s = hub_settings()
     kw = dict(repo_id=repo, revision=revision, cache_dir=s["cache_dir"], local_files_only=s["offline"])

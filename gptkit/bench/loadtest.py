@@ -1,4 +1,4 @@
-"""`python -m gptkit.loadtest`: many concurrent clients against `gptkit serve`.
+"""`python -m gptkit.bench.loadtest`: many concurrent clients against `gptkit serve`.
 
 Prints requests/s, p50/p99 latency, the batch sizes the server ran (from its `GET /stats`), and the
 server's RSS before and after the load. With `--model PATH` it starts `gptkit serve` on a free
@@ -140,7 +140,7 @@ class ServerProcess:
         if api_key:
             cmd += ["--api-key", api_key]
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + start_timeout
@@ -191,7 +191,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gptkit.loadtest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gptkit.bench.loadtest", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="start `gptkit serve --model MODEL` on a free loopback port")
     src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")

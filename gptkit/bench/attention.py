@@ -2,10 +2,10 @@
 
 Each backend runs in a fresh Python process, so its peak resident set size (Linux ru_maxrss)
 belongs to that backend alone: torch's own footprint plus whatever the attention needed at its
-worst moment. The default shape is issue 7's: B=1, T=2048, 12 heads of 64, fp32, causal.
+worst moment. The default shape is GPT-2 124M's at a long context: B=1, T=2048, 12 heads of 64, fp32, causal.
 
-    python -m gptkit.bench_attention                     # math, sdpa, flash: a table
-    python -m gptkit.bench_attention --json --T 1024     # one JSON object per backend
+    python -m gptkit.bench.attention                     # math, sdpa, flash: a table
+    python -m gptkit.bench.attention --json --T 1024     # one JSON object per backend
 
 `measure_attention` is the library function behind it (the slow test calls it too).
 """
@@ -15,10 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from gptkit.attention import attend
 
 DEFAULT_BACKENDS = ("math", "sdpa", "flash")
 
@@ -33,8 +38,6 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
-    import resource
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
@@ -42,13 +45,8 @@ def _peak_rss_mib() -> float:
 def _worker(backend: str, B: int, T: int, n_head: int, head_size: int, dtype: str, repeats: int,
             threads: int = 0) -> dict:
     """Runs in the child: forward + backward `repeats` times, then reports peak RSS and the best time."""
-    import torch
-
     if threads > 0:
         torch.set_num_threads(threads)
-
-    from gptkit.attention import attend
-
     g = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
     q, k, v = (torch.randn(B, n_head, T, head_size, generator=g, dtype=dt).requires_grad_() for _ in range(3))
@@ -72,11 +70,11 @@ def measure_attention(backends=DEFAULT_BACKENDS, *, B: int = 1, T: int = 2048, n
     """One fresh subprocess per backend; returns one dict per backend with `peak_rss_mib`,
     `baseline_rss_mib` (after import and inputs, before attention), `fwd_bwd_s` and `vs_math`
     (peak RSS over math's, when math was measured)."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rows = []
     for backend in backends:
-        cmd = [sys.executable, "-m", "gptkit.bench_attention", "--worker", backend, "--B", str(B), "--T", str(T),
+        cmd = [sys.executable, "-m", "gptkit.bench.attention", "--worker", backend, "--B", str(B), "--T", str(T),
                "--heads", str(n_head), "--head-size", str(head_size), "--dtype", dtype, "--repeats", str(repeats),
                "--threads", str(threads)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -100,7 +98,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gptkit.bench_attention", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gptkit.bench.attention", description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated (math,sdpa,flash,triton)")
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--T", type=int, default=2048)

@@ -1,0 +1,227 @@
+"""`gptkit bench generate` (INTERFACES.md "Benchmarks"): tokens per second of generation.
+
+Batch sizes 1 and 16 by default, on random weights of the gpt2 shape (no download), with an
+8-token prompt, 64 new tokens, top-k 50 and top-p 0.95, as in the anchor measured for
+transformers' `generate`. The clock covers the whole call (prefill included):
+tok_per_s = batch * new_tokens / seconds. With `--compare hf`, transformers runs the same weights
+and settings in the same process, interleaved with gptkit, and every line carries the ratio to it.
+Lower-precision weights (`--dtype bfloat16,int8`) come with a quality check against fp32: how many
+of 64 greedy tokens agree, and (with tiny Shakespeare at hand) the perplexity ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from gptkit.config import model_preset
+from gptkit.errors import GptkitError
+from gptkit.formats.hf import config_to_hf, state_dict_to_hf
+from gptkit.generate import Generation, SamplingParams, generate_batch
+from gptkit.loading import load_model
+from gptkit.model import GPT
+from gptkit.paths import data_file
+from gptkit.quantize import normalize_dtype, quantize_for_inference
+from gptkit.tokenizer import gpt2_tokenizer
+
+HELP = "generation tokens/s, batch 1 and 16 prompts, vs transformers"
+
+
+def _hf_model_from(model):
+    """A transformers GPT2LMHeadModel holding the same weights as a gptkit GPT."""
+    try:
+        import transformers
+    except ImportError:
+        raise GptkitError("transformers is not installed", "--compare hf", "pip install transformers") from None
+    cfg = transformers.GPT2Config(**{k: v for k, v in config_to_hf(model.config).items() if k != "architectures"})
+    hf = transformers.GPT2LMHeadModel(cfg)
+    sd = state_dict_to_hf(model.state_dict(), model.config)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if any(not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"weights missing in the transformers model: {missing}")
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _prompts(batch: int, prompt_tokens: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, prompt_tokens), generator=g).tolist()
+
+
+def _time_gptkit(model, prompts, sp) -> float:
+    t = time.perf_counter()
+    gen = Generation(model, prompts, sp)
+    while not gen.done:
+        gen.step()
+    return time.perf_counter() - t
+
+
+def _time_hf(hf, prompts, new_tokens, temperature, top_k, top_p) -> float:
+    idx = torch.tensor(prompts)
+    kw = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    pad_token_id=hf.config.eos_token_id, **kw)
+    return time.perf_counter() - t
+
+
+def quality_check(model, quantized, tokens: int = 64, seed: int = 0, text_tokens=None) -> dict:
+    """How a lower-precision copy compares with the fp32 model: the number of leading greedy tokens
+    (of `tokens`) that agree, and the perplexity ratio on `text_tokens` (a 1-D tensor) if given."""
+    prompt = _prompts(1, 8, model.config.vocab_size, seed)
+    sp = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eot=True)
+    a = generate_batch(model, prompt, sp)[0].token_ids
+    b = generate_batch(quantized, prompt, sp)[0].token_ids
+    agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    out = {"greedy_agree": agree, "greedy_tokens": tokens}
+    if text_tokens is not None:
+        T = min(model.config.block_size, 256)
+        n = min(len(text_tokens) - 1, 4 * T) // T * T
+        if n >= T:
+            x = text_tokens[:n].view(-1, T)
+            y = text_tokens[1:n + 1].view(-1, T)
+            with torch.inference_mode():
+                l32 = float(model(x, y)[1])
+                lq = float(quantized(x, y)[1])
+            out.update(ppl_fp32=round(float(torch.exp(torch.tensor(l32))), 4),
+                       ppl=round(float(torch.exp(torch.tensor(lq))), 4),
+                       ppl_ratio=round(float(torch.exp(torch.tensor(lq - l32))), 5))
+    return out
+
+
+def _shakespeare_tokens(model, vocab):
+    """Tiny Shakespeare's tokens for the model's tokenizer, or None when the text is not at hand."""
+    p = data_file("tinyshakespeare.txt")
+    if p is None or model.config.vocab_size != 50257:
+        return None
+    try:
+        tok = gpt2_tokenizer(vocab)
+    except GptkitError:
+        return None
+    return torch.tensor(tok.encode(p.read_text(encoding="utf-8")[:20000]), dtype=torch.long)
+
+
+def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens: int = 8, new_tokens: int = 64,
+                   temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 0.95,
+                   dtypes=("float32",), compare: str | None = None, repeats: int = 3, seed: int = 0,
+                   threads: int | None = None, vocab: str | None = None, quality: bool = True, emit=None) -> list[dict]:
+    """Measure generation throughput; returns (and passes to `emit`, as they come) one dict per
+    (system, dtype, batch): system, model, dtype, batch, prompt_tokens, new_tokens, tok_per_s, plus
+    `vs_transformers` (the ratio) with compare="hf" and the quality fields for lower precisions."""
+    if compare not in (None, "hf"):
+        raise GptkitError(f"unknown comparison {compare!r}", "--compare", "use --compare hf")
+    if new_tokens < 1 or prompt_tokens < 1 or repeats < 1 or any(b < 1 for b in batches):
+        raise GptkitError("batch sizes, token counts and repeats must be >= 1", "bench generate",
+                          "give positive values")
+    dtypes = [normalize_dtype(d) for d in dtypes]
+    if threads:
+        torch.set_num_threads(threads)
+    if model_path:
+        model, name = load_model(model_path).model.eval(), str(model_path)
+    else:
+        torch.manual_seed(seed)
+        model, name = GPT(model_preset("gpt2")).eval(), "gpt2 (random weights)"
+    if prompt_tokens + new_tokens > model.config.block_size:
+        raise GptkitError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceed the context "
+                          f"{model.config.block_size}", "--new-tokens", "use fewer --prompt-tokens or --new-tokens")
+    variants = {d: quantize_for_inference(model, d) for d in dtypes}
+    hf = _hf_model_from(model) if compare == "hf" else None
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        ignore_eot=True, seed=seed)
+    quality_fields = {}
+    if quality:
+        text = _shakespeare_tokens(model, vocab) if model_path else None
+        for d, q in variants.items():
+            if d != "float32":
+                quality_fields[d] = quality_check(model, q, 64, seed, text)
+    results = []
+    emit = emit or (lambda r: None)
+    for B in batches:
+        prompts = _prompts(B, prompt_tokens, model.config.vocab_size, seed)
+        runs: dict[tuple, list[float]] = {}
+        jobs = [(("gptkit", d), lambda q=q: _time_gptkit(q, prompts, sp)) for d, q in variants.items()]
+        if hf is not None:
+            jobs.append((("transformers", "float32"),
+                         lambda: _time_hf(hf, prompts, new_tokens, temperature, top_k, top_p)))
+        for key, fn in jobs:  # warm-up: first calls pay for allocations and kernel selection
+            if key[0] == "gptkit":
+                _time_gptkit(variants[key[1]], prompts, SamplingParams(**{**sp.__dict__, "max_new_tokens": 4}))
+            else:
+                _time_hf(hf, prompts, 4, temperature, top_k, top_p)
+        for _ in range(repeats):  # interleaved, so load changes hit every system alike
+            for key, fn in jobs:
+                runs.setdefault(key, []).append(fn())
+        ref = None
+        if hf is not None:
+            ref = B * new_tokens / statistics.median(runs[("transformers", "float32")])
+        for (system, d), ts in runs.items():
+            tps = B * new_tokens / statistics.median(ts)
+            r = {"system": system, "model": name, "dtype": d, "batch": B, "prompt_tokens": prompt_tokens,
+                 "new_tokens": new_tokens, "tok_per_s": round(tps, 2), "threads": torch.get_num_threads()}
+            if ref is not None:
+                r["vs_transformers"] = round(tps / ref, 3)
+            if system == "gptkit" and d in quality_fields:
+                r.update(quality_fields[d])
+            results.append(r)
+            emit(r)
+    return results
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="model to load (default: the gpt2 shape with random weights)")
+    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated weight precisions for gptkit: float32, bfloat16, int8")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--vocab", help="GPT-2 vocabulary, for the perplexity check of a loaded model")
+    p.add_argument("--no-quality", action="store_true", help="skip the quality check of lower precisions")
+    p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
+                   help="also time this system in the same run: hf (transformers)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _int_list(s: str, opt: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise GptkitError(f"expected comma-separated integers, got {s!r}", opt, "e.g. 1,16") from None
+
+
+def run(a) -> int:
+    if a.compare not in ([], None) and set(a.compare) != {"hf"}:
+        raise GptkitError(f"unknown system(s) {a.compare}", "--compare", "use --compare hf")
+    def emit(r):
+        if a.json:
+            print(json.dumps(r), flush=True)
+
+    res = bench_generate(a.model, _int_list(a.batch, "--batch"), a.prompt_tokens, a.new_tokens, a.temperature,
+                         a.top_k, a.top_p, [d.strip() for d in a.dtype.split(",") if d.strip()],
+                         "hf" if a.compare else None,
+                         a.repeats, a.seed, a.threads, a.vocab, not a.no_quality, emit)
+    if not a.json:
+        print(format_table(res))
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["system", "dtype", "batch", "prompt_tokens", "new_tokens", "tok_per_s", "vs_transformers",
+            "greedy_agree", "ppl_ratio"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(cols))]
+    lines += ["  ".join(x[i].ljust(w[i]) for i in range(len(cols))) for x in cells]
+    return "\n".join(lines)
+

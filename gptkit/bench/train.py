@@ -1,0 +1,191 @@
+"""`gptkit bench train`: the median training-step time, tokens per second and MFU.
+
+It times whole training steps (forward + backward + AdamW step) of a randomly initialised model.
+With `--compare hf` it times transformers' GPT2LMHeadModel of the same shape, dtype and optimizer
+in the same process, so the two numbers share the machine's state.
+
+MFU = (6·N + 12·L·C·T) · tokens/s / peak (PaLM appendix B), with N = `num_params()` and the peak
+measured at the start of the run as the rate of a 2048³ GEMM in the run's dtype.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from gptkit.config import MODEL_PRESETS, model_preset
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+from gptkit.optim import make_adamw
+from gptkit.precision import ShadowWeights
+from gptkit.runtime import (autocast, bf16_weights, measure_peak_flops, pick_device, pick_dtype, resolve_attention,
+                            setup_cuda_matmul, setup_threads, synchronize)
+
+HELP = "median training-step time (fwd+bwd+AdamW), tokens/s and MFU"
+
+
+def _step_times(step_fn: Callable[[], object], steps: int, warmup: int, sync: Callable[[], None]) -> list[float]:
+    for _ in range(warmup):
+        step_fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step_fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+
+def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, dtype: str = "auto",
+                steps: int = 10, warmup: int = 2, compare: list[str] | None = None, compile: bool = False,
+                device: str = "auto", seed: int = 0, attention: str = "auto", param_dtype: str = "auto",
+                threads: int = 0) -> list[dict]:
+    """Median training-step time of gptkit (and of each system in `compare`, e.g. ["hf"]).
+
+    Returns one dict per system with system, model, batch_size, block_size, dtype, median_step_s,
+    tok_per_s, mfu (plus params, peak_flops, steps, compile, threads, and gptkit's attention and
+    weights). gptkit runs as the trainer does: `attention` and `param_dtype` resolve as there;
+    transformers runs with autocast in `dtype` over fp32 weights and the same AdamW
+    (`optim.make_adamw`: the trainer's groups, fused where PyTorch has it)."""
+    if model not in MODEL_PRESETS:
+        raise GptkitError(f"unknown model preset {model!r}", "--model", f"use one of {', '.join(MODEL_PRESETS)}")
+    for name, v in (("--batch-size", batch_size), ("--block-size", block_size), ("--steps", steps)):
+        if v <= 0:
+            raise GptkitError(f"must be > 0, got {v}", name, "give a positive value")
+    unknown = set(compare or []) - {"hf"}
+    if unknown:
+        raise GptkitError(f"unknown system(s) to compare: {', '.join(sorted(unknown))}", "--compare", "use hf")
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    n_threads = setup_threads(threads)
+    setup_cuda_matmul()
+    cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
+                       attention=resolve_attention(attention, dev, block_size))
+    if block_size > cfg.block_size:
+        raise GptkitError(f"block size {block_size} exceeds the model's context {cfg.block_size}", "--block-size",
+                          "use a smaller --block-size")
+    peak = measure_peak_flops(dev, dt, n=2048)  # the MFU denominator, measured now, in this run's dtype
+    sync = lambda: synchronize(dev)  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
+    dtype_name = str(dt).removeprefix("torch.")
+    flops_per_tok = None
+    results = []
+
+    def record(system: str, times: list[float], n_params: int) -> dict:
+        med = statistics.median(times)
+        tok_s = batch_size * block_size / med
+        return {"system": system, "model": model, "batch_size": batch_size, "block_size": block_size,
+                "dtype": dtype_name, "median_step_s": round(med, 6), "tok_per_s": round(tok_s, 1),
+                "mfu": round(flops_per_tok * tok_s / peak, 4), "params": n_params, "peak_flops": round(peak),
+                "steps": len(times), "compile": compile, "threads": n_threads}
+
+    # gptkit
+    torch.manual_seed(seed)
+    net = GPT(cfg).to(dev)
+    n_params = net.num_params()
+    flops_per_tok = net.flops_per_token(block_size)
+    opt, _ = make_adamw(net, lr=1e-4, weight_decay=0.1, device_type=dev.type)
+    shadow = ShadowWeights(net, torch.bfloat16) if bf16_weights(param_dtype, dt, dev) else None
+    fwd = shadow.module if shadow else net
+    fwd = torch.compile(fwd) if compile else fwd
+
+    def gptkit_step():
+        with autocast(dev, dt):
+            _, loss = fwd(x, y)
+        loss.backward()
+        if shadow:
+            shadow.grads_to_master()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if shadow:
+            shadow.pull()
+
+    row = record("gptkit", _step_times(gptkit_step, steps, warmup, sync), n_params)
+    row.update(attention=cfg.attention, weights="bf16 + fp32 master" if shadow else "fp32")
+    results.append(row)
+    del net, opt, fwd, shadow
+    gc.collect()
+
+    if "hf" in (compare or []):
+        try:
+            import transformers
+        except ImportError:
+            raise GptkitError("transformers is not installed", "--compare hf", "pip install transformers") from None
+        hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                       n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                       eos_token_id=None)
+        torch.manual_seed(seed)
+        hf = transformers.GPT2LMHeadModel(hcfg).to(dev)
+        hf.train()
+        hopt, _ = make_adamw(hf, lr=1e-4, weight_decay=0.1, device_type=dev.type)
+        hfwd = torch.compile(hf) if compile else hf
+
+        def hf_step():
+            with autocast(dev, dt):
+                loss = hfwd(input_ids=x, labels=x).loss  # HF shifts the labels itself
+            loss.backward()
+            hopt.step()
+            hopt.zero_grad(set_to_none=True)
+
+        results.append(record("transformers", _step_times(hf_step, steps, warmup, sync), n_params))
+        del hf, hopt, hfwd
+        gc.collect()
+    return results
+
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="gpt2", help="architecture preset (default gpt2, 124M)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--attention", default="auto", help="gptkit's attention backend (auto: as the trainer)")
+    p.add_argument("--param-dtype", default="auto", help="gptkit's weights: auto, float32 or bfloat16 (fp32 master)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, as the trainer)")
+    p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
+                   help="also time this system in the same run: hf (transformers)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def run(a) -> None:
+    rows = bench_train(a.model, a.batch_size, a.block_size, a.dtype, a.steps, a.warmup, a.compare, a.compile,
+                       a.device, attention=a.attention, param_dtype=a.param_dtype, threads=a.threads)
+    print_rows(rows, a.json, ["system", "model", "batch_size", "block_size", "dtype", "median_step_s", "tok_per_s",
+                              "mfu"])
+    if not a.json and len(rows) > 1:
+        base = rows[0]["median_step_s"]
+        for r in rows[1:]:
+            print(f"gptkit is {r['median_step_s'] / base:.2f}x faster than {r['system']}")
+
+
+def print_rows(rows: list[dict], as_json: bool, columns: list[str]) -> None:
+    """JSON lines, or an aligned table of `columns`."""
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    cells = [columns] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
