@@ -1,8 +1,8 @@
 """`gptkit bench generate` (INTERFACES.md "Benchmarks"): tokens per second of generation.
 
 Batch sizes 1 and 16 by default, on random weights of the gpt2 shape (no download), with an
-8-token prompt, 64 new tokens, top-k 50 and top-p 0.95, as in the anchor measured for
-transformers' `generate`. The clock covers the whole call (prefill included):
+8-token prompt, 64 new tokens, top-k 50 and top-p 0.95: the settings of the reference
+measurement of transformers' `generate` (INTERFACES.md). The clock covers the whole call (prefill included):
 tok_per_s = batch * new_tokens / seconds. With `--compare hf`, transformers runs the same weights
 and settings in the same process, interleaved with gptkit, and every line carries the ratio to it.
 Lower-precision weights (`--dtype bfloat16,int8`) come with a quality check against fp32: how many
