@@ -213,7 +213,7 @@ def _serve(p):
 
     def run(a):
         cfg = serve.ServeConfig(max_batch=a.max_batch, queue_size=a.queue_size, max_cohorts=a.max_cohorts,
-                          batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit)
+                                batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit)
         serve.serve(a.model, a.host, a.port, a.api_key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
     return run
 
