@@ -9,7 +9,7 @@ import re
 import sys
 
 # modules, not their functions: a runner looks its library function up when it runs (tests patch them)
-from gptkit import __version__, bench, config, convert, data, evaluate, plot, prepare, sample, serve, train, validate
+from gptkit import __version__, bench, config, convert, data, evaluate, inference, plot, prepare, serve, train, validate
 from gptkit.errors import GptkitError
 
 
@@ -142,7 +142,7 @@ def _sample(p):
     p.add_argument("--truncate", action="store_true", help="cut a too-long prompt to its last tokens (warns)")
 
     def run(a):
-        sample.run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
+        inference.run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
                    a.vocab, a.device, stop=a.stop, repetition_penalty=a.repetition_penalty, num_beams=a.num_beams,
                    length_penalty=a.length_penalty, dtype=a.dtype, truncate=a.truncate)
     return run

@@ -9,12 +9,16 @@ fp32: only the matmuls change, and they accumulate in fp32.
 `quantize_for_inference(model, "int8")` returns a copy whose Linear modules are replaced; the
 model code itself is untouched. "float32" keeps the values and only stores the weights transposed,
 which the CPU's GEMM streams faster for the thin activations of decoding; its lm_head is a
-`ScreenedHead`, which the engine may ask for the exact top-k logits only (half the bytes read).
+`ScreenedHead`, which can compute the exact top-k logits only (half the bytes read). A caller that
+needs only those says so with `with only_top_k_logits(model, k):`, the one way in; outside such a
+block every head computes all logits.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -149,9 +153,9 @@ def quantize_for_inference(model: nn.Module, dtype: str = "float32", inplace: bo
 class ScreenedHead(nn.Module):
     """The fp32 lm_head, which can return only the top logits, exactly, while reading half the bytes.
 
-    When the caller sets `top_k` (it samples from the k largest logits only, or takes the argmax),
-    a bf16 copy of the weight scores every token, the best M = max(4k, k + 128) are recomputed in
-    fp32, and everything else is -inf. The answer is exact whenever the k-th best fp32 logit beats
+    When `top_k` is set (by `only_top_k_logits`: the caller samples from the k largest logits only,
+    or takes the argmax), a bf16 copy of the weight scores every token, the best M = max(4k, k + 128)
+    are recomputed in fp32, and everything else is -inf. The answer is exact whenever the k-th best fp32 logit beats
     every other token's bf16 score plus a bound on its rounding error: bf16 rounding of h, W and
     the product is at most 2^-7 * sum_i |h_i W_ji| <= 2^-7 * ||h|| * ||W_j|| (Cauchy-Schwarz).
     Otherwise (or with top_k None) it computes all logits in fp32.
@@ -164,7 +168,7 @@ class ScreenedHead(nn.Module):
         self.exact = FP32Linear(self.weight, None)
         self.screen = BF16Linear(self.weight[:vocab_size], None)
         self.register_buffer("row_norm", self.weight[:vocab_size].float().norm(dim=1))  # (V,)
-        self.top_k: int | None = None
+        self.top_k: int | None = None  # None: all logits; set only through `only_top_k_logits`
         self.calls = self.fallbacks = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,3 +193,18 @@ class ScreenedHead(nn.Module):
         out.scatter_(1, cand, exact)
         return out.reshape(*shape[:-1], Vp)
 
+
+@contextmanager
+def only_top_k_logits(model: nn.Module, k: int | None) -> Iterator[None]:
+    """Within the block, the model's forward needs only its k largest logits exactly (the rest may
+    be -inf): a `ScreenedHead` lm_head then reads half the weight bytes. k None, or a model with
+    another head: no change. The head computes all logits again when the block ends."""
+    head = getattr(model, "lm_head", None)
+    if k is None or not isinstance(head, ScreenedHead):
+        yield
+        return
+    head.top_k = k
+    try:
+        yield
+    finally:
+        head.top_k = None

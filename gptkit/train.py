@@ -38,7 +38,7 @@ from gptkit.prepare import PRESETS, ensure_prepared
 from gptkit.runtime import (DTYPES, autocast, bf16_weights, measure_peak_flops, pick_dtype, process_start_time,
                             resolve_attention, setup_cuda_matmul, setup_distributed, setup_threads, synchronize,
                             teardown_distributed)
-from gptkit.sample import sample_text
+from gptkit.inference import sample_text
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
 PROCESS_START = process_start_time()  # wall time is counted from the process start (before imports)

@@ -6,7 +6,8 @@ up to the first step whose top-2 logit margin is below 1e-4 (past it, either cho
 import pytest
 import torch
 
-from gptkit.generate import SamplingParams, beam_search, generate_batch
+from gptkit.beam import beam_search
+from gptkit.generate import SamplingParams, generate_batch
 from gptkit.loading import load_model
 from tests.conftest import make_hf_model
 

@@ -12,10 +12,9 @@ import torch
 
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.generate import Generation, SamplingParams, TextStream, generate_batch, prepare_prompt
+from gptkit.generate import Generation, SamplingParams, TextStream, generate, generate_batch, prepare_prompt
 from gptkit.model import GPT
-from gptkit.sample import (candidate_probs, generate, repetition_penalty, sample_from_logits, top_k_filter,
-                           top_p_filter)
+from gptkit.sample import candidate_probs, repetition_penalty, sample_from_logits, top_k_filter, top_p_filter
 from gptkit.tokenizer import CharTokenizer, load_bpe_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +61,7 @@ def test_fused_sampler_draws_by_inverse_cdf():
 
 
 def test_unfiltered_sampler_draws_softmax_by_inverse_cdf():
-    from gptkit.generate import sample_unfiltered
+    from gptkit.sample import sample_unfiltered
 
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
     one = torch.ones(1)
@@ -331,7 +330,7 @@ def test_cli_sample_streams_seeded_samples_and_rejects_long_prompts(tmp_path, gp
     assert a.returncode == 0, a.stderr
     assert a.stdout.count("--- sample") == 2 and a.stdout.count("Hello") == 2
     # the same text as the library produces for seeds 5 and 6
-    from gptkit.sample import sample_text
+    from gptkit.inference import sample_text
 
     texts = sample_text(m, load_bpe_vocab(gpt2_vocab_path), "Hello", 8, top_k=20, seed=5, num_samples=2)
     assert a.stdout == "".join(f"--- sample {i + 1} ---\nHello{t}\n" for i, t in enumerate(texts))

@@ -17,7 +17,7 @@ from typing import Any
 
 from gptkit.errors import GptkitError
 from gptkit.generate import SamplingParams, prepare_prompt
-from gptkit.sample import default_prompt_ids
+from gptkit.inference import default_prompt_ids
 from gptkit.serve.config import ServeConfig
 
 MAX_BODY = 4 << 20  # bytes of JSON a request may send
