@@ -1,11 +1,12 @@
 """Configuration: the dataclasses, their presets, and the whole config flow of a training run.
 
-GPTConfig describes the architecture; TrainConfig the training run. Both are plain dataclasses
-that validate themselves in __post_init__ and round-trip through dicts (checkpoints carry them).
-`resolve_config` turns defaults < a TOML file < `key=value` overrides into a TrainConfig plus
-model overrides; `write_toml` writes the resolved config back; `config_help` is `train --help`.
-The GPT-2 sizes are OpenAI's (and llm.c's); the vocab padding to a multiple of 128 follows llm.c
-(50257 -> 50304) and happens here, in exactly one place.
+GPTConfig describes the architecture of either family gptkit implements, GPT-2 and Llama;
+TrainConfig the training run. Both are plain dataclasses that validate themselves in __post_init__
+and round-trip through dicts (checkpoints carry them). `resolve_config` turns defaults < a TOML file
+< `key=value` overrides into a TrainConfig plus model overrides; `write_toml` writes the resolved
+config back; `config_help` is `train --help`. The GPT-2 sizes are OpenAI's (and llm.c's); the
+Llama-family shapes are their published config.json files'. The vocab padding to a multiple of 128
+follows llm.c (50257 -> 50304) and happens here, in exactly one place.
 """
 
 from __future__ import annotations
@@ -34,20 +35,83 @@ def pad_vocab(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+FAMILIES = ("gpt2", "llama")
+# RoPE scaling types and the keys each reads, as transformers' rope init functions
+# (modeling_rope_utils: linear, dynamic NTK, llama3) define them
+ROPE_TYPES = {
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def canonical_rope_scaling(value: Any, block_size: int, where: str = "rope_scaling") -> str:
+    """The stored form of `rope_scaling`: "" (plain RoPE) or canonical JSON with `rope_type` and
+    exactly the keys that type reads. Accepts a dict (HF's spelling: `type` for `rope_type` too),
+    a JSON string, "" or None. A JSON string keeps the frozen config hashable and TOML/key=value safe."""
+    if value in (None, "", {}):
+        return ""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise GptkitError(f"rope_scaling is not JSON: {value!r}", where,
+                              'write it as JSON, e.g. {"rope_type": "linear", "factor": 2.0}') from None
+    if not isinstance(value, dict):
+        raise GptkitError(f"rope_scaling must be a mapping, got {value!r}", where,
+                          'write it as JSON, e.g. {"rope_type": "linear", "factor": 2.0}')
+    d = dict(value)
+    rope_type = d.pop("rope_type", d.pop("type", "default"))
+    if rope_type == "default":
+        return ""
+    if rope_type not in ROPE_TYPES:
+        raise GptkitError(f"unknown rope_type {rope_type!r}", where,
+                          f"gptkit implements default, {', '.join(ROPE_TYPES)}")
+    d.setdefault("original_max_position_embeddings", block_size)  # transformers' fallback
+    out: dict[str, Any] = {"rope_type": rope_type}
+    for key in ROPE_TYPES[rope_type]:
+        v = d.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise GptkitError(f"rope_scaling {rope_type} needs a positive number {key!r}, got {v!r}", where,
+                              f"give {', '.join(ROPE_TYPES[rope_type])}")
+        out[key] = int(v) if key == "original_max_position_embeddings" else float(v)
+    if rope_type == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise GptkitError("rope_scaling llama3 needs high_freq_factor > low_freq_factor", where,
+                          "Llama 3.1's values are low_freq_factor 1, high_freq_factor 4")
+    return json.dumps(out, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class GPTConfig:
-    """GPT-2 architecture. `padded_vocab_size` is derived, never set by hand."""
+    """The architecture of either family. `padded_vocab_size` is derived, never set by hand.
 
-    block_size: int = 1024  # maximum context length (maxT)
+    family "gpt2" (OpenAI's GPT-2): learned positions, LayerNorm (with biases when `bias`), tanh-GELU
+    MLP of 4*n_embd, tied embeddings. The Llama-only fields must keep their defaults.
+    family "llama" (transformers' LlamaForCausalLM): RoPE, RMSNorm, SwiGLU MLP, grouped-query
+    attention; `bias` is unused there (attention_bias and mlp_bias say where biases are).
+    The 0 / "" defaults of the Llama fields mean "derived", so old checkpoints' configs load as before.
+    """
+
+    block_size: int = 1024  # maximum context length (maxT); HF's max_position_embeddings
     vocab_size: int = GPT2_VOCAB_SIZE  # real vocab (V); logits are cropped to it
     n_layer: int = 12  # L
-    n_head: int = 12  # nh
+    n_head: int = 12  # nh, query heads
     n_embd: int = 768  # C
     dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+    bias: bool = True  # gpt2: biases in every Linear and LayerNorm
     attention: str = "sdpa"  # sdpa | math | flash | triton
     block_q: int = 64  # tile sizes of the `flash` backend
     block_k: int = 64
+    family: str = "gpt2"  # gpt2 | llama
+    n_kv_head: int = 0  # key/value heads (GQA; 1 = MQA); 0 = n_head
+    head_dim: int = 0  # hs; 0 = n_embd // n_head
+    intermediate_size: int = 0  # MLP hidden width; 0 = the family's rule (see mlp_size)
+    rope_theta: float = 10000.0  # llama: RoPE base
+    rope_scaling: str = ""  # llama: "" = plain RoPE, else JSON {"rope_type": linear|dynamic|llama3, ...}
+    norm_eps: float = 1e-5  # LayerNorm eps (GPT-2's 1e-5) / RMSNorm eps (HF's rms_norm_eps)
+    tie_embeddings: bool = True  # lm_head shares wte's weight
+    attention_bias: bool = False  # llama: biases on q, k, v and o projections
+    mlp_bias: bool = False  # llama: biases on the gate, up and down projections
     padded_vocab_size: int = field(init=False)  # Vp
 
     def __post_init__(self):
@@ -56,20 +120,72 @@ class GPTConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise GptkitError(f"model.{name} must be a positive integer, got {v!r}", name,
                                   f"set {name} to a value > 0")
-        if self.n_embd % self.n_head:
+        for name in ("n_kv_head", "head_dim", "intermediate_size"):
+            v = getattr(self, name)
+            if v is None:  # Python callers may spell "derived" as None
+                object.__setattr__(self, name, 0)
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise GptkitError(f"model.{name} must be an integer >= 0 (0 = derived), got {v!r}", name,
+                                  f"set {name} to 0 or a positive integer")
+        if self.family not in FAMILIES:
+            raise GptkitError(f"unknown model family {self.family!r}", "family", f"use one of {', '.join(FAMILIES)}")
+        if not self.head_dim and self.n_embd % self.n_head:
             raise GptkitError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
-                              "n_embd", "choose n_embd as a multiple of n_head")
+                              "n_embd", "choose n_embd as a multiple of n_head, or give head_dim")
+        if self.n_head % self.kv_heads:
+            raise GptkitError(f"n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}", "n_kv_head",
+                              "each key/value head serves a whole group of query heads: choose a divisor of n_head")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise GptkitError(f"dropout must be in [0, 1), got {self.dropout!r}", "dropout",
                               "set dropout to a value in [0, 1)")
         if self.attention not in ATTENTION_BACKENDS:
             raise GptkitError(f"unknown attention backend {self.attention!r}", "attention",
                               f"use one of {', '.join(ATTENTION_BACKENDS)}")
+        if not float(self.norm_eps) > 0:
+            raise GptkitError(f"norm_eps must be > 0, got {self.norm_eps!r}", "norm_eps", "GPT-2 and Llama use 1e-5")
+        if self.family == "gpt2":
+            derived = dict(n_kv_head=self.n_head, head_dim=self.n_embd // self.n_head,
+                           intermediate_size=4 * self.n_embd, tie_embeddings=True, attention_bias=False,
+                           mlp_bias=False)
+            for name, ok in derived.items():
+                v = getattr(self, name)
+                if v != ok and not (v == 0 and name in ("n_kv_head", "head_dim", "intermediate_size")):
+                    raise GptkitError(f"{name}={v!r} is not GPT-2's architecture", name,
+                                      f"leave {name} at its default, or set family=llama")
+        else:
+            if self.head_size % 2:
+                raise GptkitError(f"RoPE needs an even head_dim, got {self.head_size}", "head_dim",
+                                  "choose an even head_dim")
+            if not float(self.rope_theta) > 0:
+                raise GptkitError(f"rope_theta must be > 0, got {self.rope_theta!r}", "rope_theta",
+                                  "Llama 2 uses 10000, Llama 3 500000")
+        object.__setattr__(self, "rope_scaling", canonical_rope_scaling(self.rope_scaling, self.block_size))
         object.__setattr__(self, "padded_vocab_size", pad_vocab(self.vocab_size))
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads (n_kv_head resolved)."""
+        return self.n_kv_head or self.n_head
+
+    @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        """hs (head_dim resolved)."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def mlp_size(self) -> int:
+        """The MLP's hidden width (intermediate_size resolved). GPT-2: 4*C. Llama: Meta's rule in
+        llama/model.py, 2/3 of 4*C rounded up to a multiple of 256."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.family == "gpt2":
+            return 4 * self.n_embd
+        return 256 * ((int(2 * 4 * self.n_embd / 3) + 255) // 256)
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """rope_scaling as a dict ({} = plain RoPE)."""
+        return json.loads(self.rope_scaling) if self.rope_scaling else {}
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
@@ -88,6 +204,7 @@ class GPTConfig:
 
 
 # Architecture presets. The GPT-2 sizes are OpenAI's; the small ones are for CPU work and tests.
+# The Llama-family shapes are the published config.json files' (HF hub repos in formats/hub.py).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -98,7 +215,32 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
     # the default run's model: on 2 CPU cores 2 layers beat nanoGPT's 4 (and 3) at a 40 s and a 110 s budget
     "shakespeare-char": dict(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=65),
+    # the Llama family
+    "llama-tiny": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=176,
+                       block_size=128, vocab_size=32000, bias=False),
+    # the main job's model as a Llama: shakespeare-char's width and depth, GQA, a SwiGLU of about
+    # the GPT-2 MLP's parameters (3 * 344 ~ 2 * 512 columns)
+    "llama-char": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=344,
+                       block_size=64, vocab_size=65, bias=False),
+    "tinyllama-1.1b": dict(family="llama", n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, intermediate_size=5632,
+                           block_size=2048, vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0,
+                           tie_embeddings=False, bias=False),  # 1,100,048,384
+    "smollm2-135m": dict(family="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                         block_size=8192, vocab_size=49152, norm_eps=1e-5, rope_theta=100000.0, bias=False),
+    "smollm2-360m": dict(family="llama", n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
+                         block_size=8192, vocab_size=49152, norm_eps=1e-5, rope_theta=100000.0, bias=False),
+    "llama-3.2-1b": dict(family="llama", n_layer=16, n_head=32, n_kv_head=8, head_dim=64, n_embd=2048,
+                         intermediate_size=8192, block_size=131072, vocab_size=128256, norm_eps=1e-5,
+                         rope_theta=500000.0, bias=False,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
 }
+# chat/instruct variants share their base model's shape
+for _base, _variants in {"tinyllama-1.1b": ("tinyllama-1.1b-chat",),
+                         "smollm2-135m": ("smollm2-135m-instruct",), "smollm2-360m": ("smollm2-360m-instruct",),
+                         "llama-3.2-1b": ("llama-3.2-1b-instruct",)}.items():
+    for _v in _variants:
+        MODEL_PRESETS[_v] = MODEL_PRESETS[_base]
 
 
 def model_preset(name: str, **overrides) -> GPTConfig:

@@ -59,7 +59,9 @@ def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], where: s
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in state_dict.items()},
                           strict=False)
-    model.lm_head.weight = model.transformer.wte.weight  # re-tie after to_empty
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # re-tie after to_empty
+    model.reset_rope()  # RoPE tables are derived, not loaded: compute them on the real device
     return model.eval()
 
 
