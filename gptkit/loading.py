@@ -1,10 +1,12 @@
 """Load a model from anything INTERFACES.md's `--model PATH` accepts, recognised by content.
 
 - a run directory (its latest checkpoint) or a gptkit checkpoint directory;
-- a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin);
+- a Hugging Face directory, GPT-2 or Llama family (config.json + model.safetensors, shards named
+  by model.safetensors.index.json, or pytorch_model.bin);
 - an llm.c model .bin (v3 or v5);
 - OpenAI's original TF checkpoint directory;
-- a pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), through huggingface_hub.
+- a pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, the Llama-family presets such as
+  smollm2-135m, or one of their repo ids), through huggingface_hub.
 
 Returns a `Loaded`: the model plus what sampling needs to turn ids into text (a char vocab,
 or a directory that may hold BPE files).
@@ -22,12 +24,12 @@ from gptkit import checkpoint
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 from gptkit.formats import hf
-from gptkit.formats.hub import download_pretrained
+from gptkit.formats.hub import download_pretrained, is_pretrained_name
 from gptkit.formats.llmc import MODEL_MAGIC, chars_beside, read_model
 from gptkit.formats.tf import load_tf
 from gptkit.model import GPT
 
-PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # more in gptkit.formats.hub.REPOS
 
 
 @dataclass
@@ -78,7 +80,7 @@ def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
     s = str(path_or_name)
     path = Path(path_or_name)
     if not path.exists():
-        if s in PRETRAINED_NAMES or s.startswith("openai-community/"):
+        if is_pretrained_name(s):
             return load_model(download_pretrained(s, **kwargs))
         raise GptkitError("no such file or directory", s,
                           f"give a run/checkpoint/HF directory, an llm.c .bin, or one of {', '.join(PRETRAINED_NAMES)}")
@@ -96,7 +98,7 @@ def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
             return Loaded(build_model(config, sd, str(path)), "tf", path, tokenizer_dir=path)
         raise GptkitError("not a model directory", path,
                           "expected a gptkit run or checkpoint (ckpt_*/state.json), an HF directory "
-                          "(config.json + model.safetensors) or an OpenAI TF checkpoint (model.ckpt.index)")
+                          "(config.json + model.safetensors or its shards) or an OpenAI TF checkpoint (model.ckpt.index)")
     with open(path, "rb") as f:
         head = f.read(4)
     if head == MODEL_MAGIC.to_bytes(4, "little"):

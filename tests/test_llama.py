@@ -360,3 +360,56 @@ def test_small_llama_presets_train_a_step_on_the_cpu():
     assert abs(GPT(model_preset("llama-char")).num_params() - GPT(model_preset("shakespeare-char")).num_params()) \
         < 0.1 * GPT(model_preset("shakespeare-char")).num_params()
     assert set(MODEL_PRESETS) >= {"llama-tiny", "llama-char", "smollm2-135m-instruct"}
+
+
+# ------------------------------------------------------------------------------------------------
+# pretrained names through huggingface_hub, against test_hub's 127.0.0.1 imitation of the hub
+@pytest.fixture
+def llama_hub(monkeypatch, tmp_path, pairs):
+    import huggingface_hub.constants as hc
+
+    from test_hub import FakeHub, repo_files
+
+    _, hf = pairs["gqa-untied"]
+    d = tmp_path / "served"
+    hf.save_pretrained(d, max_shard_size="40KB")  # a sharded repo, as the real ones above 5GB are
+    (d / "tokenizer_config.json").write_text("{}")
+    files = repo_files(d)
+    shards = sorted(set(json.loads(files["model.safetensors.index.json"])["weight_map"].values()))
+    assert len(shards) > 2
+    server = FakeHub({"HuggingFaceTB/SmolLM2-135M": files,
+                      "TinyLlama/TinyLlama-1.1B-Chat-v1.0": {k: v for k, v in files.items() if k != shards[1]}})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)  # huggingface_hub read the conftest's value at import
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    yield server, hf, shards
+    server.close()
+
+
+def test_llama_names_resolve_to_their_hub_repos():
+    from gptkit.formats.hub import repo_id
+
+    assert repo_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M"
+    assert repo_id("llama-3.2-1b-instruct") == "meta-llama/Llama-3.2-1B-Instruct"
+    assert repo_id("TinyLlama/TinyLlama-1.1B-Chat-v1.0") == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    from gptkit.formats.hub import REPOS
+
+    assert set(REPOS) - {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(MODEL_PRESETS)
+
+
+def test_a_pretrained_llama_name_downloads_every_shard_and_loads(llama_hub):
+    server, hf, shards = llama_hub
+    m = GPT.from_pretrained("smollm2-135m")
+    assert all(server.fetched(n) for n in shards) and server.fetched("tokenizer_config.json")
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert_logits_close(m(x), hf(x).logits)
+
+
+def test_a_shard_missing_on_the_hub_is_named(llama_hub):
+    shard = llama_hub[2][1]
+    with pytest.raises(GptkitError, match=f"missing shard {shard} \\(named by"):
+        load_model("tinyllama-1.1b-chat")
