@@ -243,6 +243,10 @@ class GPT(nn.Module):
         if config.family == "llama":  # RoPE tables for every position (not saved: derived from the config)
             self.register_buffer("rope_cos", torch.empty(config.block_size, config.head_size), persistent=False)
             self.register_buffer("rope_sin", torch.empty(config.block_size, config.head_size), persistent=False)
+            # dynamic NTK past its trained length: calls that reach beyond it get their own frequencies
+            r = config.rope
+            n0 = r.get("original_max_position_embeddings", 0)
+            self.rope_dynamic_from = n0 if r.get("rope_type") == "dynamic" and config.block_size > n0 else 0
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------
@@ -305,16 +309,11 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin broadcastable to (B, nh, T, hs) for positions (T,) or (B, T)."""
-        c = self.config
-        r = c.rope
-        if r.get("rope_type") == "dynamic" and c.block_size > r["original_max_position_embeddings"]:
-            # dynamic NTK, as transformers applies it: the frequencies follow the call's longest position
-            seq_len = int(positions.max()) + 1
-            if seq_len > r["original_max_position_embeddings"]:
-                cos, sin = rope_cos_sin(positions, rope_inv_freq(c, seq_len))
-                cos, sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
-            else:
-                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        seq_len = int(positions.max()) + 1 if self.rope_dynamic_from else 0
+        if seq_len > self.rope_dynamic_from:
+            # dynamic NTK as transformers applies it: the frequencies follow the call's longest position
+            cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config, seq_len))
+            cos, sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) or (B, T, hs)
         if positions.dim() == 1:

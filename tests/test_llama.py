@@ -198,6 +198,23 @@ def test_greedy_generation_equals_transformers_token_for_token(pairs, case):
         assert c.token_ids[:n] == out.sequences[0, len(p):len(p) + n].tolist()
 
 
+def test_beam_search_equals_transformers_beam_search(pairs):
+    from gptkit.generate import SamplingParams, beam_search, generate_batch
+
+    d, hf = pairs["gqa-untied"]
+    model = load_model(d).model
+    prompt = [12, 40, 7]
+    eos = generate_batch(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0))[0].token_ids[3]
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long), do_sample=False,
+                      num_beams=4, max_new_tokens=12, num_return_sequences=2, eos_token_id=eos, pad_token_id=eos,
+                      return_dict_in_generate=True, output_scores=True)
+    ours = beam_search(model, prompt, 4, 12, 1.0, False, [eos], 2)
+    for i, (seq, score) in enumerate(ours):
+        ref = out.sequences[i, 3:].tolist()
+        assert seq == ref[: len(seq)] and all(t == eos for t in ref[len(seq):])
+        assert score == pytest.approx(float(out.sequences_scores[i]), abs=1e-4)
+
+
 def test_kv_cache_holds_only_the_key_value_heads():
     from gptkit.model import KVCache
 
