@@ -121,9 +121,11 @@ def optimizer_from_flat(tensors: dict, meta: dict, names: dict[int, str]) -> dic
 
 # ---------------------------------------------------------------------------------------------
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors for safetensors: the tied lm_head is stored once, as wte."""
+    """The model's tensors for safetensors: a tied lm_head is stored once, as wte (an untied one, a
+    Llama option, is stored)."""
     sd = model.state_dict()
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k != "lm_head.weight"}
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
@@ -289,8 +291,9 @@ def read_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dic
                           "the checkpoint is damaged; use an older ckpt_* directory")
     config = GPTConfig.from_dict(state["model_config"])
     sd = read_tensors(ckpt / MODEL_FILE)
-    sd["lm_head.weight"] = sd.get("transformer.wte.weight")
-    if sd["lm_head.weight"] is None:
+    if config.tie_embeddings:
+        sd["lm_head.weight"] = sd.get("transformer.wte.weight")
+    if sd.get("transformer.wte.weight") is None:
         raise GptkitError("no token embedding in the checkpoint", ckpt / MODEL_FILE,
                           "the checkpoint is damaged; use an older ckpt_* directory")
     for k, v in sd.items():

@@ -67,7 +67,8 @@ def full_model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
+    return {k: v.contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -430,3 +430,17 @@ def test_a_shard_missing_on_the_hub_is_named(llama_hub):
     shard = llama_hub[2][1]
     with pytest.raises(GptkitError, match=f"missing shard {shard} \\(named by"):
         load_model("tinyllama-1.1b-chat")
+
+
+def test_checkpoint_round_trip_keeps_an_untied_head(pairs, tmp_path):
+    from gptkit.checkpoint import load_checkpoint_model, save_checkpoint
+
+    for case in ("gqa-untied", "llama3-tied"):
+        m = load_model(pairs[case][0]).model
+        ckpt = save_checkpoint(tmp_path / case, 7, m, {"model_config": m.config.to_dict()})
+        back = load_checkpoint_model(ckpt).model
+        assert back.config == m.config
+        assert (back.lm_head.weight is back.transformer.wte.weight) == m.config.tie_embeddings
+        x = torch.randint(0, 300, (2, 20))
+        with torch.no_grad():
+            assert torch.equal(back(x), m(x))
