@@ -55,6 +55,9 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
         raise GptkitError("destination exists and is not a directory", dst, "give a directory path")
     loaded = load_model(src)
     model, config = loaded.model, loaded.model.config
+    if to.startswith("llmc") and config.family != "gpt2":
+        raise GptkitError(f"llm.c's model.bin holds GPT-2 only, not a {config.family} model", "--to",
+                          "convert it --to hf or --to gptkit")
     res = ConvertResult(dst)
 
     if to == "gptkit":
@@ -64,8 +67,7 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
         ckpt = save_checkpoint(dst, int(loaded.state.get("step", 0)), model, state)
         res.files += sorted(ckpt.iterdir())
     elif to == "hf":
-        save_hf(model, dst)
-        res.files += [dst / "config.json", dst / "model.safetensors"]
+        res.files += save_hf(model, dst)  # config.json + model.safetensors, or shards and their index
         tdir = loaded.tokenizer_dir
         if tdir is not None and Path(tdir).is_dir() and Path(tdir).resolve() != dst.resolve():
             for name in HF_TOKENIZER_FILES:
