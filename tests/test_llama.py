@@ -458,3 +458,15 @@ def test_cli_convert_writes_hf_and_refuses_llmc_for_a_llama(pairs, tmp_path):
         assert_logits_close(back(x).logits, hf(x).logits)
     r = run(src, tmp_path / "llmc", "--to", "llmc")
     assert r.returncode == 2 and r.stderr.startswith("error: llm.c's model.bin holds GPT-2 only") and "Traceback" not in r.stderr
+
+
+def test_gqa_runs_unchanged_through_the_attention_backends(pairs):
+    """k and v are expanded to the query heads before `attend`, so each backend sees plain MHA."""
+    m = load_model(pairs["gqa-untied"][0]).model
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        ref = m(x)
+        for backend in ("math", "flash"):  # triton needs a GPU
+            other = GPT(m.config.replace(attention=backend, block_q=16, block_k=16))
+            other.load_state_dict(m.state_dict())
+            assert_logits_close(other(x), ref)
