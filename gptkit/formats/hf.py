@@ -136,6 +136,8 @@ def llama_config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
         raise GptkitError("per-layer-type rope_parameters are not a Llama model's", where,
                           "gptkit reads one rope_parameters mapping")
     scaling = dict(hf.get("rope_scaling") or {})
+    if "type" in scaling:  # the oldest spelling of rope_type
+        scaling.setdefault("rope_type", scaling.pop("type"))
     rope_theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope = {**params, **scaling}  # transformers 5 lets a classic rope_scaling take precedence
     partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
