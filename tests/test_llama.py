@@ -446,18 +446,18 @@ def test_checkpoint_round_trip_keeps_an_untied_head(pairs, tmp_path):
             assert torch.equal(back(x), m(x))
 
 
-def test_cli_convert_writes_hf_and_refuses_llmc_for_a_llama(pairs, tmp_path):
+def test_convert_writes_hf_and_refuses_llmc_for_a_llama(pairs, tmp_path):
+    from gptkit.convert import convert
+
     src, hf = pairs["gqa-untied"]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gptkit", "convert", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120, cwd=ROOT)
-    r = run(src, tmp_path / "out", "--to", "hf")
-    assert r.returncode == 0, r.stderr
+    res = convert(src, tmp_path / "out", "hf")
+    assert {f.name for f in res.files} >= {"config.json", "model.safetensors"}
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     x = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         assert_logits_close(back(x).logits, hf(x).logits)
-    r = run(src, tmp_path / "llmc", "--to", "llmc")
-    assert r.returncode == 2 and r.stderr.startswith("error: llm.c's model.bin holds GPT-2 only") and "Traceback" not in r.stderr
+    with pytest.raises(GptkitError, match="llm.c's model.bin holds GPT-2 only, not a llama model"):
+        convert(src, tmp_path / "llmc", "llmc")
 
 
 def test_gqa_runs_unchanged_through_the_attention_backends(pairs):
