@@ -282,7 +282,7 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """A checkpoint directory's model config, its complete state dict (lm_head tied back to wte)
+    """A checkpoint directory's model config, its complete state dict (a tied lm_head set to wte)
     and its state.json; weights holding NaN or inf are refused."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)

@@ -433,7 +433,8 @@ def test_a_shard_missing_on_the_hub_is_named(llama_hub):
 
 
 def test_checkpoint_round_trip_keeps_an_untied_head(pairs, tmp_path):
-    from gptkit.checkpoint import load_checkpoint_model, save_checkpoint
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.loading import load_checkpoint_model
 
     for case in ("gqa-untied", "llama3-tied"):
         m = load_model(pairs[case][0]).model
