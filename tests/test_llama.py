@@ -199,7 +199,8 @@ def test_greedy_generation_equals_transformers_token_for_token(pairs, case):
 
 
 def test_beam_search_equals_transformers_beam_search(pairs):
-    from gptkit.generate import SamplingParams, beam_search, generate_batch
+    from gptkit.beam import beam_search
+    from gptkit.generate import SamplingParams, generate_batch
 
     d, hf = pairs["gqa-untied"]
     model = load_model(d).model
