@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 
@@ -197,7 +198,8 @@ def _serve(p):
     p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*, /metrics and /stats "
+                   "(default: $GPTKIT_API_KEY, which stays out of `ps`)")
     p.add_argument("--model-name", help="the model's id in the API (default: the model path's base name)")
     p.add_argument("--max-batch", type=int, default=32, help="completions generated at once (default 32)")
     p.add_argument("--queue-size", type=int, default=256, help="requests that may wait; more get 503 (default 256)")
@@ -205,6 +207,25 @@ def _serve(p):
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="gather requests arriving this close together into one batch (default 2)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
+    p.add_argument("--max-rows-per-request", type=int, help="prompts x n one request may ask for "
+                   "(default: half of --max-batch)")
+    p.add_argument("--request-token-budget", type=int, default=32768,
+                   help="prompts x n x max_tokens one request may ask for (default 32768)")
+    p.add_argument("--preempt-after", type=int, default=32, help="a row that generated this many tokens may be "
+                   "parked for a waiting request that was served less, and resumed later (default 32; 0: never)")
+    p.add_argument("--batch-invariant", action="store_true", help="run every row on its own, so its tokens never "
+                   "depend on the other requests in the batch (slower; no preemption)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="on SIGTERM/SIGINT, seconds running requests may finish in (default 5)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send request headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request body (default 30)")
+    p.add_argument("--idle-timeout", type=float, default=5.0, help="idle keep-alive connections close after this "
+                   "(default 5 s)")
+    p.add_argument("--allowed-hosts", help="comma-separated Host header names the server answers to, '*' for any "
+                   "(default: the --host address and localhost; any for 0.0.0.0 or ::)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow this web origin to call the API from a browser (repeatable; default: none)")
+    p.add_argument("--debug-step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
@@ -212,9 +233,17 @@ def _serve(p):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
     def run(a):
+        hosts = tuple(h for h in a.allowed_hosts.split(",") if h.strip()) if a.allowed_hosts else None
         cfg = serve.ServeConfig(max_batch=a.max_batch, queue_size=a.queue_size, max_cohorts=a.max_cohorts,
-                                batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit)
-        serve.serve(a.model, a.host, a.port, a.api_key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
+                                batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit,
+                                max_rows_per_request=a.max_rows_per_request, request_token_budget=a.request_token_budget,
+                                preempt_after=a.preempt_after, batch_invariant=a.batch_invariant,
+                                shutdown_grace_s=a.shutdown_grace, header_timeout_s=a.header_timeout,
+                                body_timeout_s=a.body_timeout, idle_timeout_s=a.idle_timeout, allowed_hosts=hosts,
+                                cors_origins=tuple(a.cors_origin),
+                                step_delay_s=a.debug_step_delay_ms / 1000)
+        key = a.api_key if a.api_key is not None else os.environ.get("GPTKIT_API_KEY")
+        serve.serve(a.model, a.host, a.port, key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
     return run
 
 

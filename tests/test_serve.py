@@ -320,10 +320,15 @@ def test_full_queue_answers_503(tiny):
         assert len(done) == 2  # the queued ones are still answered
 
 
-def test_a_stalled_stream_does_not_block_others_and_a_dropped_one_frees_its_row(server, client):
+def test_a_stalled_stream_does_not_block_others_and_a_dropped_one_frees_its_row(tiny):
+    from gptkit.serve import Server, ServeConfig
+
+    _, model, tok = tiny
+    # slow steps (test-only), so that a generation inside the 64-token context lasts while the test acts
+    server = Server(model, tok, NAME, api_key=KEY, config=ServeConfig(step_delay_s=0.05)).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     sched = server.scheduler
-    assert wait_for(lambda: sched.stats()["running_rows"] == 0)
-    stream = client.completions.create(model=NAME, prompt="forever", max_tokens=4000, stream=True)
+    stream = client.completions.create(model=NAME, prompt="forever", max_tokens=60, stream=True, temperature=1.5)
     it = iter(stream)
     next(it), next(it)
     assert sched.stats()["running_rows"] == 1
@@ -334,15 +339,16 @@ def test_a_stalled_stream_does_not_block_others_and_a_dropped_one_frees_its_row(
     stream.close()  # the client goes away mid-stream
     assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.owners)
     # a non-streaming request whose client hangs up is dropped too
-    body = json.dumps({"prompt": "forever", "max_tokens": 4000}).encode()
+    body = json.dumps({"prompt": "forever", "max_tokens": 60}).encode()
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Authorization: Bearer " + KEY.encode() + b"\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         assert wait_for(lambda: sched.stats()["running_rows"] == 1)
     assert wait_for(lambda: sched.stats()["running_rows"] == 0 and not sched.owners)
     # and the server still answers
     assert client.completions.create(model=NAME, prompt="still there?", max_tokens=2).choices[0].finish_reason
+    server.stop()
 
 
 def test_char_model_prompt_outside_its_vocabulary_is_a_400():

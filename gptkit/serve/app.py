@@ -1,24 +1,37 @@
-"""The HTTP side of `gptkit serve`: FastAPI routes, server-sent events and start-up.
+"""The HTTP side of `gptkit serve`: FastAPI routes, server-sent events, start-up and shutdown.
 
-Routes (INTERFACES.md, "Server"): `GET /health` 200; `GET /v1/models` lists the one model;
-`POST /v1/completions` answers with OpenAI's JSON, or with server-sent events when `stream` is set;
-`GET /stats` (an extension) reports the batch sizes seen, the queue and the server's RSS. Errors
-are OpenAI's error JSON (`gptkit.serve.protocol`).
+Routes (INTERFACES.md, "Server"): `GET /` the playground page (assets in `gptkit/serve/static`, no
+network needed); `GET /health` 200; `GET /v1/models` lists the one model, `GET /v1/models/{id}`
+shows it; `POST /v1/completions` answers with OpenAI's JSON, or with server-sent events when
+`stream` is set; `GET /metrics` Prometheus text; `GET /stats` (an extension) reports the batch sizes
+seen, the queue and the server's RSS. Errors are OpenAI's error JSON (`gptkit.serve.protocol`).
 
-A handler reads and checks the request (`protocol`), submits it to the scheduler thread as a `Job`
-(`scheduler`) and awaits its events, which cross from that thread to the event loop through
-`call_soon_threadsafe`. A client that disconnects cancels its rows.
+A handler reads the body (within `body_timeout_s`), checks it and tokenizes it off the event loop
+(`protocol`), submits it to the scheduler thread as a `Job` (`scheduler`) and awaits its events,
+which cross from that thread to the event loop through `call_soon_threadsafe`. A client that
+disconnects cancels its rows, or its place in the queue.
+
+Network hygiene, in one ASGI layer (`_Guard`) before any route: the Host header must be one the
+server answers to (DNS rebinding), a POST must be `application/json` (so a web page cannot send one
+without a CORS preflight), CORS headers only for `--cors-origin`; uvicorn closes connections whose
+headers take longer than `header_timeout_s` (slowloris) or that idle past `idle_timeout_s`.
+
+Shutdown (SIGTERM or SIGINT, or `Server.stop`): stop admitting (503 with Retry-After), let running
+rows finish for `shutdown_grace_s`, then end the rest: a stream gets an error event and [DONE], a
+waiting client a JSON 503. One log line for the signal and one per request ended, no traceback.
 
 The model is the fp32 inference copy (`gptkit.quantize`, weights transposed for decoding and an
 lm_head that can compute only the top-k logits), or its bf16/int8 copy with `--dtype`.
 
-FastAPI and uvicorn are the `serve` extra; they are imported only when a server is built.
+FastAPI, uvicorn and prometheus_client (the `serve` extra) are imported only when a server is built.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
 import asyncio
 import contextlib
 import json
+import logging
+import signal
 import socket
 import sys
 import threading
@@ -30,23 +43,104 @@ from gptkit.errors import GptkitError
 from gptkit.inference import load_for_inference
 from gptkit.runtime import setup_threads
 from gptkit.serve.config import ServeConfig
-from gptkit.serve.protocol import (MAX_BODY, APIError, _SafeTokenizer, body_too_large, check_api_key, completion_choice,
-                                   completion_chunk, completion_response, decode_json, generation_failed, models_list,
-                                   parse_completion_request, route_error, token_usage)
+from gptkit.serve.protocol import (MAX_BODY, APIError, ShuttingDown, _SafeTokenizer, api_error, body_too_large,
+                                   check_api_key, completion_choice, completion_chunk, completion_response,
+                                   decode_json, model_card, models_list, parse_completion_request, route_error,
+                                   token_usage)
 from gptkit.serve.scheduler import Job, Scheduler
 
+log = logging.getLogger("gptkit.serve")
+STATIC = Path(__file__).parent / "static"
+ROUTES = ("/", "/health", "/stats", "/metrics", "/v1/models", "/v1/completions")  # metric labels; others: "other"
 
-def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None):
-    """The FastAPI application around a started scheduler."""
+
+class _ClientGone(Exception):
+    """The client closed the connection before its request body arrived."""
+
+
+def allowed_hosts(bound: str, given=None) -> set[str] | None:
+    """The Host header values (without port) the server answers to; None: any. Default: the bound
+    host and localhost; a wildcard bind (0.0.0.0, ::) answers to any name, as it listens on all."""
+    if given:
+        hosts = {h.strip().lower().strip("[]") for h in given}
+        return None if "*" in hosts else hosts
+    if bound in ("0.0.0.0", "::", ""):
+        return None
+    return {bound.lower().strip("[]"), "localhost", "127.0.0.1", "::1"}
+
+
+def _host_name(host: str) -> str:
+    """A Host header without its port: 'a.b:8000' -> 'a.b', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class _Guard:
+    """The ASGI layer in front of the app: Host check, JSON-only POSTs, and requests counted by
+    route and status for /metrics. Its errors are OpenAI's error JSON."""
+
+    def __init__(self, app, hosts: set[str] | None, metrics):
+        self.app, self.hosts, self.metrics = app, hosts, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        route = scope["path"] if scope["path"] in ROUTES else ("/v1/models/{id}" if scope["path"].startswith(
+            "/v1/models/") else "other")
+        status = [0]
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        err = None
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            err = APIError(400, f"this server does not answer to the host '{host[:100]}' (see --allowed-hosts)",
+                           None, "invalid_host")
+        elif scope["method"] == "POST":
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                err = APIError(400, "the request body must be JSON, sent with 'Content-Type: application/json'",
+                               None, "invalid_content_type")
+        try:
+            if err is not None:
+                await _send_error(counted, err)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            if status[0]:
+                self.metrics.request(route, status[0])
+
+
+async def _send_error(send, e: APIError) -> None:
+    body = json.dumps(e.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (e.headers() or {}).items()]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, host: str = "127.0.0.1"):
+    """The ASGI application around a started scheduler (FastAPI routes behind `_Guard`); its
+    `.state` holds the scheduler and the metrics."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from gptkit.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
     config = scheduler.config
     tokenizer = _SafeTokenizer(scheduler.tokenizer)
     block_size = scheduler.model.config.block_size
+    metrics = ServeMetrics(scheduler)
     app = FastAPI(title="gptkit", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.metrics = scheduler, metrics
     started = int(time.time())
 
     def error_response(e: APIError) -> JSONResponse:
@@ -60,8 +154,31 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def _http_error(request, e):
         return error_response(route_error(e.status_code, request.method, request.url.path, e.detail))
 
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request, e):
+        log.warning("client %s went away while sending its request (%s bytes received)",
+                    _client(request), e.args[0] if e.args else "?")
+        return Response(status_code=400)  # nobody reads it
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
+        return error_response(api_error(e))
+
     def check_key(request: Request) -> None:
-        check_api_key(request.headers.get("authorization", ""), api_key)
+        raw = dict(request.scope["headers"]).get(b"authorization", b"")
+        check_api_key(raw, api_key)
+
+    @app.get("/")
+    async def playground():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise StarletteHTTPException(404)
+        return FileResponse(path)
 
     @app.get("/health")
     async def health():
@@ -72,38 +189,81 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         check_key(request)
         return scheduler.stats()
 
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        check_key(request)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
         return models_list(model_name, started)
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        check_key(request)
+        return model_card(model_name, started, model_id)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
-        body = decode_json(await _read_body(request))
-        req = parse_completion_request(body, tokenizer, block_size, model_name, config)
+        if scheduler.draining:  # before reading anything
+            raise ShuttingDown()
+        body = decode_json(await _read_body(request, config.body_timeout_s))
+        # limits are checked first, then the prompts tokenized, off the event loop
+        req = await asyncio.to_thread(parse_completion_request, body, tokenizer, block_size, model_name, config)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         rows = [p for p in req.prompts for _ in range(req.n)]  # row = prompt * n + choice
         job = Job(rows, req.params, lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
-        scheduler.submit(job)  # raises Overloaded (503) when full
-        answer = _Answer(request, scheduler, job, events, model_name,
-                         prompt_tokens=sum(len(p) for p in req.prompts))  # once per prompt, whatever n is
+        scheduler.submit(job)  # raises Overloaded or ShuttingDown (503) when it cannot take it
+        prompt_tokens = sum(len(p) for p in req.prompts)  # once per prompt, whatever n is
+        metrics.prompt_tokens(prompt_tokens)
+        answer = _Answer(request, scheduler, job, events, model_name, prompt_tokens)
         if req.stream:
             return StreamingResponse(answer.sse(req.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await answer.json()
 
-    return app
+    wrapped = app
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        wrapped = CORSMiddleware(app, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                                 allow_headers=["Authorization", "Content-Type"])
+    guard = _Guard(wrapped, allowed_hosts(host, config.allowed_hosts), metrics)
+    guard.state = app.state
+    return guard
 
 
-async def _read_body(request) -> bytes:
-    """The request body, read up to MAX_BODY bytes whatever Content-Length says."""
+def _client(request) -> str:
+    c = request.client
+    return f"{c.host}:{c.port}" if c else "?"
+
+
+async def _read_body(request, timeout: float) -> bytes:
+    """The request body, read up to MAX_BODY bytes whatever Content-Length says, within `timeout`
+    seconds. A client that goes away raises _ClientGone."""
+    from starlette.requests import ClientDisconnect
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > MAX_BODY:
-            raise body_too_large()
+    parts = request.stream().__aiter__()
+    try:
+        while True:
+            try:
+                part = await asyncio.wait_for(parts.__anext__(), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(400, f"the request body did not arrive within {timeout:g} s", None,
+                               "body_timeout") from None
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise body_too_large()
+    except ClientDisconnect:
+        raise _ClientGone(len(raw)) from None
     return bytes(raw)
 
 
@@ -122,6 +282,12 @@ class _Answer:
     def usage(self) -> dict:
         return token_usage(self.prompt_tokens, self.job.completion_tokens)
 
+    def failed(self, e: BaseException) -> APIError:
+        err = api_error(e)
+        if isinstance(err, ShuttingDown):
+            log.warning("request %s from %s ended by the shutdown", self.rid, _client(self.request))
+        return err
+
     async def json(self) -> dict | None:
         """The whole completion (None if the client went away first)."""
         texts = [[] for _ in range(self.job.rows)]
@@ -130,7 +296,7 @@ class _Answer:
             async with contextlib.aclosing(_job_events(self.request, self.events)) as batches:
                 async for item in batches:
                     if isinstance(item, BaseException):
-                        raise generation_failed(item)
+                        raise self.failed(item)
                     for ev in item:
                         texts[ev.index].append(ev.text)
                         if ev.finished:
@@ -148,7 +314,8 @@ class _Answer:
 
     async def sse(self, include_usage: bool):
         """Server-sent events: one chunk per row and step with new text (a row's last chunk carries its
-        finish_reason), then a usage chunk if `stream_options.include_usage`, then `data: [DONE]`."""
+        finish_reason), then a usage chunk if `stream_options.include_usage`, then `data: [DONE]`.
+        An error after the 200 is an error event, then [DONE]."""
         def chunk(choices, usage=None) -> str:
             d = completion_chunk(self.rid, self.created, self.model, choices, include_usage, usage)
             return _sse_event(d)
@@ -157,7 +324,7 @@ class _Answer:
             async with contextlib.aclosing(_job_events(self.request, self.events)) as batches:
                 async for item in batches:
                     if isinstance(item, BaseException):
-                        yield _sse_event(generation_failed(item).body())
+                        yield _sse_event(self.failed(item).body()) + "data: [DONE]\n\n"
                         return
                     # one choice per chunk, as OpenAI streams n > 1 (clients read chunk.choices[0])
                     out = []
@@ -187,16 +354,21 @@ async def _job_events(request, events: asyncio.Queue):
     """A job's event batches as the scheduler sends them; ends early, without error, when the
     client closes the connection (the caller then frees the job's rows)."""
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    getter = None
     try:
         while True:
             getter = asyncio.ensure_future(events.get())
             await asyncio.wait([getter, watcher], return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
-                getter.cancel()
                 return
             yield getter.result()
     finally:
-        watcher.cancel()
+        # cancel and await both, so no task is left pending ("Task was destroyed but it is pending!")
+        for t in (getter, watcher):
+            if t is not None and not t.done():
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
 
 
 async def _wait_disconnect(request) -> None:
@@ -222,21 +394,127 @@ def load_for_serving(model_path: str, vocab: str | None = None, device: str = "a
     return model, tok, default_model_name(model_path)
 
 
+def _http_protocol(header_timeout: float):
+    """uvicorn's h11 protocol, plus a deadline for the request headers: a connection that has not sent
+    a whole request head within `header_timeout` seconds of starting one is closed (slowloris)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_head()
+
+        def connection_lost(self, exc):
+            self._stop_watch()
+            super().connection_lost(exc)
+
+        def _awaiting_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _watch_head(self) -> None:
+            if not self._awaiting_head():
+                self._stop_watch()
+            elif self._head_timer is None and not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(header_timeout, self._head_late)
+
+        def _stop_watch(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self._awaiting_head() and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
+def _uvicorn_config(app, config: ServeConfig, **kw):
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", access_log=False, http=_http_protocol(config.header_timeout_s),
+                          timeout_keep_alive=config.idle_timeout_s, timeout_graceful_shutdown=5, **kw)
+
+
+class _Shutdown:
+    """The graceful shutdown of one server: stop admitting, give running rows `grace` seconds, end
+    the rest with ShuttingDown, then let uvicorn close. Runs on its own thread; `begin` may be
+    called from a signal handler."""
+
+    def __init__(self, scheduler: Scheduler, uvicorn_server, grace: float):
+        self.scheduler, self.server, self.grace = scheduler, uvicorn_server, grace
+        self.thread: threading.Thread | None = None
+
+    def begin(self, why: str) -> None:
+        if self.thread is not None:  # a second signal: do not wait any longer
+            log.warning("%s again: ending every request now", why)
+            self.scheduler.abort()
+            return
+        self.scheduler.drain()
+        log.warning("%s: not admitting new requests; running ones have %gs to finish", why, self.grace)
+        self.thread = threading.Thread(target=self._run, name="gptkit-shutdown", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline and not self.scheduler.idle():
+            time.sleep(0.02)
+        if not self.scheduler.idle():
+            self.scheduler.abort()
+        self.server.should_exit = True
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def _graceful_uvicorn(config, scheduler: Scheduler, grace: float):
+    """A uvicorn.Server whose SIGTERM/SIGINT start `_Shutdown` instead of uvicorn's own stop, and which
+    does not re-raise the signal when it is done (that is what printed a traceback, or killed)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            self.shutdown_plan.begin(signal.Signals(sig).name)
+
+    server = GracefulServer(config)
+    server.shutdown_plan = _Shutdown(scheduler, server, grace)
+    return server
+
+
 class Server:
-    """A uvicorn server on its own thread, e.g. for tests: `with Server(model, tok) as s: s.url`."""
+    """A uvicorn server on its own thread, e.g. for tests: `with Server(model, tok) as s: s.url`.
+    `stop()` shuts it down as SIGTERM does (`config.shutdown_grace_s`)."""
 
     def __init__(self, model, tokenizer, model_name: str = "gptkit", api_key: str | None = None,
                  host: str = "127.0.0.1", port: int = 0, config: ServeConfig | None = None):
-        import uvicorn
-
         self.scheduler = Scheduler(model, tokenizer, config).start()
-        self.app = create_app(self.scheduler, model_name, api_key)
+        self.app = create_app(self.scheduler, model_name, api_key, host)
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
+        self.server = _graceful_uvicorn(_uvicorn_config(self.app, self.scheduler.config), self.scheduler,
+                                        self.scheduler.config.shutdown_grace_s)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
@@ -254,7 +532,8 @@ class Server:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.shutdown_plan.begin("stop")
+        self.server.shutdown_plan.join(self.scheduler.config.shutdown_grace_s + 10)
         self.thread.join(10)
         self.scheduler.stop()
         self.sock.close()
@@ -269,31 +548,57 @@ class Server:
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, config: ServeConfig | None = None, vocab: str | None = None,
           device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
-    """`gptkit serve`: load the model and serve it until interrupted."""
+    """`gptkit serve`: load the model and serve it until SIGTERM or SIGINT (then shut down gracefully)."""
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError:
-        raise GptkitError("the server needs FastAPI and uvicorn", "serve",
-                          "pip install 'gptkit[serve]' (or: pip install fastapi uvicorn)") from None
+        raise GptkitError("the server needs FastAPI, uvicorn and prometheus_client", "serve",
+                          "pip install 'gptkit[serve]' (or: pip install fastapi uvicorn prometheus_client)") from None
 
     config = config or ServeConfig()
     if not 0 <= port <= 65535:
         raise GptkitError(f"must be in 0..65535, got {port}", "--port", "pick a free port, e.g. 8000")
-    if api_key is not None and not api_key.strip():
-        raise GptkitError("the API key is empty", "--api-key", "give a non-empty key or leave the option out")
+    if api_key is not None:
+        if not api_key.strip():
+            raise GptkitError("the API key is empty", "--api-key / GPTKIT_API_KEY",
+                              "give a non-empty key or leave it out")
+        if api_key != api_key.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in api_key):
+            raise GptkitError("the API key has spaces at its ends or control characters", "--api-key / GPTKIT_API_KEY",
+                              "a client could not send it in a header; pick a key without them")
+        try:
+            api_key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GptkitError("the API key is not valid Unicode text", "--api-key / GPTKIT_API_KEY",
+                              "pick a key of ordinary characters") from None
     if threads < 0:
         raise GptkitError(f"must be >= 0, got {threads}", "--threads", "0 keeps PyTorch's default")
     setup_threads(threads)
+    _log_to_stderr()
     model, tok, default_name = load_for_serving(model_path, vocab, device, dtype)
     name = model_name or default_name
     scheduler = Scheduler(model, tok, config).start()
-    app = create_app(scheduler, name, api_key)
+    app = create_app(scheduler, name, api_key, host)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} ({model.serving_num_params:,} parameters, {dtype}) on http://{shown}:{port}/v1 "
           f"(max batch {config.max_batch}, queue {config.queue_size}"
-          f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+          f"{', API key required' if api_key else ''}); playground at http://{shown}:{port}/",
+          file=sys.stderr, flush=True)
+    server = _graceful_uvicorn(_uvicorn_config(app, config, host=host, port=port), scheduler, config.shutdown_grace_s)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        server.run()
     finally:
         scheduler.stop()
+    if server.shutdown_plan.thread is not None:
+        log.warning("stopped")
+
+
+def _log_to_stderr() -> None:
+    """The server's own log lines ('gptkit serve: ...') on stderr, once."""
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("gptkit serve: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -12,6 +12,8 @@ Nothing here needs FastAPI: the app (`gptkit.serve.app`) reads the bytes and wri
 
 import hmac
 import json
+import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ class APIError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              405: "invalid_request_error", 503: "server_error", 500: "server_error"}
+    RETRY_AFTER_S = 1  # what a 503 tells the client to wait
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -42,19 +45,44 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     def headers(self) -> dict | None:
-        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        if self.status == 503:
+            return {"Retry-After": str(self.RETRY_AFTER_S)}
+        return None
 
 
 class Overloaded(APIError):
-    """No room for a request: the queue is full or the server is shutting down (503)."""
+    """No room for a request: the queue is full (503)."""
 
     def __init__(self, reason: str):
         super().__init__(503, f"the server is overloaded ({reason}); retry later", None, "overloaded")
 
 
+class ShuttingDown(APIError):
+    """The server is shutting down: it admits nothing new and ends what still runs after the grace period (503)."""
+
+    def __init__(self, what: str = "the server is shutting down"):
+        super().__init__(503, f"{what}; retry on another server or later", None, "shutting_down")
+
+
+def api_error(e: BaseException) -> APIError:
+    """The one place that maps a failure onto OpenAI's error shape: an APIError stays what it is; input
+    that Python's JSON or integer parsing refuses (too deep, too many digits) is a 400; anything else
+    is a bug of the server, a 500 that says so."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, (ValueError, RecursionError, UnicodeDecodeError)):
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        return APIError(400, f"the request body is not valid JSON: {what}", None, "invalid_json")
+    if isinstance(e, GptkitError):
+        return APIError(400, f"{e.what}; {e.hint}", e.where, "invalid_value")
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", None, "internal_error")
+
+
 def generation_failed(e: BaseException) -> APIError:
-    """The error a client gets when the engine failed on its rows (a bug, not the client's fault)."""
-    return APIError(500, f"generation failed: {e}", None, "internal_error")
+    """The error a client gets when the engine failed on its rows (see `api_error`)."""
+    return api_error(e)
 
 
 def route_error(status: int, method: str, path: str, detail: str) -> APIError:
@@ -63,14 +91,18 @@ def route_error(status: int, method: str, path: str, detail: str) -> APIError:
     return APIError(status, msg, None, {404: "not_found", 405: "method_not_allowed"}.get(status))
 
 
-def check_api_key(authorization: str, api_key: str | None) -> None:
-    """Raise a 401 unless the `Authorization` header carries `Bearer <api_key>` (any header when no key is set)."""
+def check_api_key(authorization: bytes | str, api_key: str | None) -> None:
+    """Raise a 401 unless the `Authorization` header carries `Bearer <api_key>` (any header when no key
+    is set). The header's raw bytes are compared with the key's UTF-8 bytes, so a non-ASCII key works
+    when the client sends it as UTF-8 (as curl and browsers do)."""
     if api_key is None:
         return
-    scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    if isinstance(authorization, str):  # as an ASGI framework decodes it: latin-1, byte for byte
+        authorization = authorization.encode("latin-1", errors="replace")
+    scheme, _, given = authorization.partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
-    if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+    if not hmac.compare_digest(given.strip(), api_key.encode("utf-8")):
         raise APIError(401, "incorrect API key", None, "invalid_api_key")
 
 
@@ -79,11 +111,12 @@ def body_too_large() -> APIError:
 
 
 def decode_json(raw: bytes) -> Any:
-    """The request body's JSON (a 400 if it is not JSON)."""
+    """The request body's JSON (a 400 if it is not JSON, including integers of more digits than Python
+    converts and nesting deeper than its recursion limit)."""
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise api_error(e) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,12 +136,22 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A JSON number that is finite (Python's json accepts NaN and Infinity; huge ints are finite)."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _shower():
+    r = reprlib.Repr()  # a short, bounded rendering of any JSON value for messages (even a deep or huge one)
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlong = 2, 60, 60, 4, 4, 40
+    return r.repr
+
+
+_show = _shower()
 
 
 # JSON types a field may have: (check, what the message says it must be)
 INT = (_is_int, "an integer")
-NUMBER = (_is_num, "a number")
+NUMBER = (_is_num, "a finite number")
 BOOL = (lambda v: isinstance(v, bool), "true or false")
 OBJECT = (lambda v: isinstance(v, dict), "an object")
 
@@ -116,6 +159,31 @@ OBJECT = (lambda v: isinstance(v, dict), "an object")
 UNSUPPORTED = (("echo", lambda v: v in (None, False)), ("suffix", lambda v: v is None),
                ("logprobs", lambda v: v in (None, 0)), ("logit_bias", lambda v: not v),
                ("presence_penalty", lambda v: v in (None, 0)), ("frequency_penalty", lambda v: v in (None, 0)))
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as vLLM's _SAMPLING_EPS: logits / 1e-40 overflow
+SEED_LIMIT = 2 ** 63  # seeds are int64 (torch.Generator.manual_seed), and row j uses seed + j
+
+# The sampling fields, checked the same way for every endpoint: key -> (default, JSON kind, rules,
+# SamplingParams field). A new field is one more line here.
+SAMPLING_FIELDS = {
+    "temperature": (1.0, NUMBER, [(lambda v: 0 <= v <= 2, "in [0, 2], as OpenAI allows")], "temperature"),
+    "top_p": (1.0, NUMBER, [(lambda v: 0 < v <= 1, "in (0, 1]")], "top_p"),
+    "top_k": (None, INT, [(lambda v: v >= 0, ">= 0 (0 = off)")], "top_k"),  # an extension, as in vLLM
+    # an extension, as in vLLM; bounded so that logits / penalty stays finite
+    "repetition_penalty": (1.0, NUMBER, [(lambda v: 0.01 <= v <= 100, "in [0.01, 100]")], "repetition_penalty"),
+}
+
+
+def sampling_fields(body: dict) -> dict:
+    """The SamplingParams keyword arguments of the fields in SAMPLING_FIELDS (each checked, or a 400)."""
+    out = {}
+    for key, (default, kind, rules, name) in SAMPLING_FIELDS.items():
+        v = _field(body, key, default, kind, *rules)
+        out[name] = float(v) if isinstance(v, (int, float)) and kind is NUMBER else v
+    if out["temperature"] < GREEDY_BELOW:
+        out["temperature"] = 0.0
+    out["top_k"] = out["top_k"] or None
+    return out
 
 
 def _field(body: dict, key: str, default, kind, *rules):
@@ -125,62 +193,111 @@ def _field(body: dict, key: str, default, kind, *rules):
     if v is None:
         v = default
     elif not kind[0](v):
-        raise APIError(400, f"'{key}' must be {kind[1]}, got {json.dumps(v)[:80]}", key, "invalid_type")
+        raise APIError(400, f"'{key}' must be {kind[1]}, got {_show(v)}", key, "invalid_type")
     if v is not None:
         for ok, must in rules:
             if not ok(v):
-                raise APIError(400, f"'{key}' must be {must}, got {v}", key, "invalid_value")
+                raise APIError(400, f"'{key}' must be {must}, got {_show(v)}", key, "invalid_value")
     return v
 
 
 def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: str,
                              config: ServeConfig) -> CompletionRequest:
-    """Check an OpenAI /v1/completions body; raise APIError(400) naming the bad field."""
+    """Check an OpenAI /v1/completions body; raise APIError(400) naming the bad field.
+
+    Everything that needs no tokenizer is checked first (fields, rows, the token budget, a prompt
+    too long to fit whatever its tokens), so an oversized request costs no tokenization; the app
+    runs this off the event loop."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
     if model is not None and model != model_name:
-        raise APIError(400, f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
-                       "model_not_found")
+        raise APIError(400, f"the model '{_show(model)}' does not exist; this server serves '{model_name}'",
+                       "model", "model_not_found")
     for key, ok in UNSUPPORTED:
         if not ok(body.get(key)):
             raise APIError(400, f"'{key}' is not supported by gptkit serve", key, "unsupported_parameter")
 
     limit = config.max_tokens_limit
-    max_tokens = _field(body, "max_tokens", config.default_max_tokens, INT,
+    max_tokens = _field(body, "max_tokens", None, INT,
                         (lambda v: v >= 0, ">= 0"), (lambda v: v <= limit, f"<= {limit}"))
-    temperature = _field(body, "temperature", 1.0, NUMBER, (lambda v: v >= 0, ">= 0"))
-    top_p = _field(body, "top_p", 1.0, NUMBER, (lambda v: 0 < v <= 1, "in (0, 1]"))
-    top_k = _field(body, "top_k", None, INT, (lambda v: v >= 0, ">= 0 (0 = off)"))  # extension, as in vLLM
-    penalty = _field(body, "repetition_penalty", 1.0, NUMBER, (lambda v: v > 0, "> 0"))  # extension, as in vLLM
+    sampling = sampling_fields(body)
     n = _field(body, "n", 1, INT, (lambda v: v >= 1, ">= 1"))
     if _field(body, "best_of", n, INT) != n:
         raise APIError(400, "'best_of' other than n is not supported by gptkit serve", "best_of",
                        "unsupported_parameter")
-    seed = _field(body, "seed", None, INT)
+    seed = _field(body, "seed", None, INT,
+                  (lambda v: -SEED_LIMIT <= v and v + n <= SEED_LIMIT, f"in [-2**63, 2**63 - n] (n = {n})"))
     stream = _field(body, "stream", False, BOOL)
-    include_usage = bool(_field(body, "stream_options", {}, OBJECT).get("include_usage", False))
+    options = _field(body, "stream_options", {}, OBJECT)
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise APIError(400, "'stream_options.include_usage' must be true or false", "stream_options", "invalid_type")
     stop = _parse_stop(body.get("stop"))
 
     prompts = _parse_prompts(body.get("prompt"), tokenizer)
+    rows = len(prompts) * n
+    if rows > config.max_rows_per_request:
+        raise APIError(400, f"{len(prompts)} prompt(s) x n={n} = {rows} completions, more than one request may ask "
+                       f"for on this server ({config.max_rows_per_request})", "n", "invalid_value")
+    budget = config.request_token_budget
+    if max_tokens is not None and rows * max_tokens > budget:
+        raise APIError(400, f"{rows} completion(s) x max_tokens={max_tokens} = {rows * max_tokens} tokens, more than "
+                       f"one request may ask for on this server ({budget})", "max_tokens", "invalid_value")
+    room = block_size - 1
+    per_token = _max_token_bytes(tokenizer)
+    for i, p in enumerate(prompts):  # a cheap lower bound on the tokens before tokenizing
+        if isinstance(p, str) and len(p) > room * per_token:
+            raise APIError(400, f"{_which(i, prompts)}has at least {len(p) // per_token} tokens, more than the "
+                           f"model's context ({block_size})", "prompt", "context_length_exceeded")
+
     ids = []
     for i, p in enumerate(prompts):
         p = default_prompt_ids(tokenizer, p) if isinstance(p, str) else p
         try:
             ids.append(prepare_prompt(p, block_size, truncate=False, where="prompt"))
         except GptkitError as e:
-            raise APIError(400, f"prompt {i}: {e.what}; {e.hint}" if len(prompts) > 1 else f"{e.what}; {e.hint}",
-                           "prompt", "context_length_exceeded") from None
-    rows = len(ids) * n
-    if rows > config.max_batch:
-        raise APIError(400, f"{len(ids)} prompt(s) x n={n} = {rows} completions, more than this server runs at once "
-                       f"({config.max_batch})", "n", "invalid_value")
+            raise APIError(400, f"{_which(i, prompts)}{e.what}; {e.hint}", "prompt", "context_length_exceeded") from None
+    longest = max(len(p) for p in ids)
+    if max_tokens is None:  # OpenAI's default, cut to what fits in the context
+        max_tokens = max(1, min(config.default_max_tokens, block_size - longest))
+        if rows * max_tokens > budget:
+            max_tokens = max(1, budget // rows)
+    if longest + max_tokens > block_size:  # as OpenAI and vLLM answer, rather than slide the window
+        raise APIError(400, f"{_which(ids.index(max(ids, key=len)), ids)}has {longest} tokens and max_tokens is "
+                       f"{max_tokens}: {longest + max_tokens} tokens, more than the model's context ({block_size}); "
+                       f"lower max_tokens to at most {block_size - longest}", "max_tokens", "context_length_exceeded")
     # the fields were checked above, so SamplingParams.validate (the CLI's check) has nothing left to find
-    params = [SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature), top_k=top_k or None,
-                             top_p=float(top_p), repetition_penalty=float(penalty), stop=tuple(stop),
-                             seed=None if seed is None else seed + j)
+    params = [SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop), seed=None if seed is None else seed + j,
+                             **sampling)
               for _ in ids for j in range(n)]
     return CompletionRequest(ids, n, params, stream, include_usage)
+
+
+def _which(i: int, prompts: list) -> str:
+    return f"prompt {i} " if len(prompts) > 1 else "the prompt "
+
+
+def _max_token_bytes(tokenizer) -> int:
+    """The most UTF-8 characters one token can stand for (1 if the tokenizer cannot say): a prompt of
+    more than (context x this) characters cannot fit, whatever its tokens."""
+    tok = getattr(tokenizer, "_tok", tokenizer)
+    cached = getattr(tok, "_gptkit_max_token_bytes", None)
+    if cached is None:
+        cached = 1
+        tb = getattr(tok, "token_bytes", None)
+        if tb is not None:
+            try:
+                cached = max(len(tb(i)) for i in range(tokenizer.vocab_size))
+            except Exception:  # a tokenizer with holes in its ids: no bound beyond the body size
+                cached = MAX_BODY
+        elif not hasattr(tok, "chars"):  # an unknown tokenizer: no bound beyond the body size
+            cached = MAX_BODY
+        try:
+            tok._gptkit_max_token_bytes = cached
+        except AttributeError:
+            pass
+    return cached
 
 
 def _parse_stop(stop) -> list[str]:
@@ -265,5 +382,12 @@ def completion_chunk(rid: str, created: int, model: str, choices: list[dict], in
 
 
 def models_list(model_name: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                        "owned_by": "gptkit"}]}
+    return {"object": "list", "data": [model_card(model_name, created)]}
+
+
+def model_card(model_name: str, created: int, asked: str | None = None) -> dict:
+    """`GET /v1/models/{id}`: the model, or a 404 for another id."""
+    if asked is not None and asked != model_name:
+        raise APIError(404, f"the model '{asked[:200]}' does not exist; this server serves '{model_name}'", "model",
+                       "model_not_found")
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "gptkit"}
