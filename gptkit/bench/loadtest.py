@@ -131,7 +131,7 @@ class ServerProcess:
     """`gptkit serve` in a subprocess on a free loopback port: `with ServerProcess(model) as url: ...`."""
 
     def __init__(self, model: str, api_key: str | None = None, extra_args: list[str] | None = None,
-                 start_timeout: float = 180.0):
+                 start_timeout: float = 180.0, env: dict | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -139,7 +139,7 @@ class ServerProcess:
                "--port", str(self.port), *(extra_args or [])]
         if api_key:
             cmd += ["--api-key", api_key]
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
