@@ -5,8 +5,6 @@ Names follow vLLM's where one exists, with a `gptkit_` prefix: requests by HTTP 
 generated tokens, running and waiting rows, and histograms of time to first token, time between
 tokens and end-to-end request latency (seconds)."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
 # latency buckets (seconds): from one fast decode step to a long generation
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -18,6 +16,9 @@ class ServeMetrics:
     `inter_token`, `generated` and `request_done`; the app calls `request` and `prompt_tokens`."""
 
     def __init__(self, scheduler=None):
+        # prometheus_client is the `serve` extra: imported when a server is built
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("gptkit_requests", "HTTP requests answered, by route and status",
@@ -63,5 +64,8 @@ class ServeMetrics:
     def request_done(self, seconds: float) -> None:
         self.e2e.observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self) -> tuple[bytes, str]:
+        """(the text exposition of every metric, its content type)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
