@@ -11,9 +11,12 @@ and streaming text.
 - Continuous batching: `Generation.add` queues a request while the batch runs. At the next step it
   is prefilled (with the other newcomers) and its keys and values are copied into the running
   cache, right-aligned with the other rows, so it generates what it would generate alone.
-  `BatchCache` owns that ragged layout (compact, grow, merge). A row that outgrows the context
-  leaves the cache and is recomputed over its last block_size tokens, on its own, while the others
-  go on through the cache.
+  `gptkit.batch_cache.BatchCache` owns that ragged layout (compact, grow, merge). A row that
+  outgrows the context leaves the cache and is recomputed over its last block_size tokens, on its
+  own, while the others go on through the cache.
+- Preemption (a server's): `park` takes a row out of the batch with its state, `resume` prefills
+  its prompt and tokens again. `batch_invariant` runs each row's forward passes on their own, so
+  its logits are bit-identical whatever else runs (slower).
 - The engine knows tokens only. With a tokenizer, each row's tokens also go through a
   `gptkit.textstream.TextStream` (incremental UTF-8, stop strings that may span tokens).
 - A seeded row draws its uniform numbers from its own generator, so its sample does not depend on
@@ -35,11 +38,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.model import GPT, KVCache
+from gptkit.batch_cache import BatchCache, left_pad_inputs, row_view
+from gptkit.model import GPT
 from gptkit.quantize import only_top_k_logits
-from gptkit.sample import repetition_penalty, sample_from_logits, sample_next, sample_unfiltered
+from gptkit.sample import (presence_frequency_penalty, repetition_penalty, sample_from_logits, sample_next,
+                           sample_unfiltered)
 from gptkit.textstream import TextStream, token_bytes_fn
 
 
@@ -52,6 +56,9 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated so far
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit
     stop: Sequence[str] = ()  # stop strings, matched on the decoded text; not returned
     stop_token_ids: Sequence[int] = ()  # besides the tokenizer's <|endoftext|>
     ignore_eot: bool = False  # keep going past <|endoftext|> (benchmarks)
@@ -121,104 +128,6 @@ def prepare_prompt(ids: Sequence[int], block_size: int, truncate: bool = False, 
     return ids
 
 
-def left_pad_inputs(pad: Sequence[int], start: int, end: int,
-                    device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Position ids and key mask for left-padded rows, row i having pad[i] empty slots first.
-
-    The queries sit in slots start..end-1 and attend to slots 0..end-1. Returns positions
-    (B, end - start), where slot s of row i is position s - pad[i], and key_mask (B, end), False
-    on empty slots; (None, None) when no row is padded (the model's default positions)."""
-    if not any(pad):
-        return None, None
-    p = torch.tensor(pad, device=device)[:, None]  # (B, 1)
-    slots = torch.arange(end, device=device)[None, :]  # (1, end)
-    return (slots[:, start:] - p).clamp_(min=0), slots >= p
-
-
-class BatchCache:
-    """The KV cache of the running rows, right-aligned: every row's last key sits just left of the
-    shared write position `kv.pos`, with `pad[i]` empty slots to its left (masked out by the key
-    mask; row i's token in slot s has position s - pad[i]). Rows that join are prefilled into a
-    cache of their own and copied in at the right end (`admit`); if their prompts are longer than
-    the running rows, the cache grows to the left. Empty slots that every row has are dropped
-    (`keep`), so `kv.pos` is the longest row's length, never more than the context. Rows are
-    known by their place in the cache only; `need[i]` is the number of tokens row i holds at most
-    (prompt + max new tokens), which sizes the cache.
-    """
-
-    def __init__(self, config: GPTConfig, device, dtype):
-        self.config, self.device, self.dtype = config, device, dtype
-        self.kv: KVCache | None = None
-        self.pad: list[int] = []  # empty slots left of each row
-        self.need: list[int] = []  # the most tokens each row will hold
-
-    def __len__(self) -> int:
-        return len(self.pad)
-
-    def _new(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.device, self.dtype)
-
-    def _capacity(self, pad: list[int], need: list[int], at_least: int) -> int:
-        """Slots for these rows to run to the end (or to the context), and at least `at_least`."""
-        most = max(p + n for p, n in zip(pad, need))
-        return max(at_least, min(most, self.config.block_size))
-
-    def keep(self, index: list[int]) -> None:
-        """Keep rows `index` (increasing) only, then drop the empty slots every row has on its left."""
-        if not index:
-            self.kv, self.pad, self.need = None, [], []
-            return
-        kv = self.kv
-        if len(index) < len(self.pad):
-            kv.reorder(torch.tensor(index, device=self.device))
-            self.pad = [self.pad[i] for i in index]
-            self.need = [self.need[i] for i in index]
-        d = min(self.pad)
-        if d:  # a view, not a copy
-            kv.k, kv.v = kv.k[:, :, :, d:], kv.v[:, :, :, d:]
-            kv.pos -= d
-            kv.max_len -= d
-            self.pad = [p - d for p in self.pad]
-
-    def decode_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Make room for one more token per row (out of room after joins or trims: grow to the
-        right) and return its positions (B, 1) and key mask (B, pos + 1), as `left_pad_inputs`."""
-        kv = self.kv
-        if kv.pos + 1 > kv.max_len:
-            grown = self._new(len(self), self._capacity(self.pad, self.need, kv.pos + 1))
-            grown.k[:, :, :, :kv.pos] = kv.k[:, :, :, :kv.pos]
-            grown.v[:, :, :, :kv.pos] = kv.v[:, :, :, :kv.pos]
-            grown.pos = kv.pos
-            self.kv = kv = grown
-        return left_pad_inputs(self.pad, kv.pos, kv.pos + 1, self.device)
-
-    def prefill_cache(self, pad: list[int], need: list[int], T: int) -> KVCache:
-        """An empty cache for newcomers' prompts left-padded to T: alone, it becomes the running
-        cache, sized to run on; joining running rows, it only needs the prompts."""
-        if self.kv is None:
-            return self._new(len(pad), self._capacity(pad, need, T))
-        return self._new(len(pad), T)
-
-    def admit(self, kv: KVCache, pad: list[int], need: list[int]) -> None:
-        """Append the newcomers of `kv` (filled by their prefill) after the running rows,
-        right-aligning both groups at the new write position; slots left of a row stay empty."""
-        if self.kv is None:
-            self.kv, self.pad, self.need = kv, list(pad), list(need)
-            return
-        old, P, T = self.kv, self.kv.pos, kv.pos
-        pos = max(P, T)
-        all_pad = [p + pos - P for p in self.pad] + [p + pos - T for p in pad]
-        all_need = self.need + list(need)
-        merged = self._new(len(all_pad), self._capacity(all_pad, all_need, pos))
-        B = len(self)
-        merged.k[:, :B, :, pos - P:pos] = old.k[:, :, :, :P]
-        merged.v[:, :B, :, pos - P:pos] = old.v[:, :, :, :P]
-        merged.k[:, B:, :, pos - T:pos] = kv.k[:, :, :, :T]
-        merged.v[:, B:, :, pos - T:pos] = kv.v[:, :, :, :T]
-        merged.pos = pos
-        self.kv, self.pad, self.need = merged, all_pad, all_need
-
-
 def _left_padded(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
     """Token lists as one left-padded batch: idx (B, T) on the CPU and each row's padding."""
     T = max(len(s) for s in seqs)
@@ -248,6 +157,7 @@ class _Row:
             self.generator.manual_seed(int(params.seed))
         self.finished = False
         self.finish_reason: str | None = None
+        self.parked = False  # out of the batch until `Generation.resume`
 
     def accept(self, t: int) -> Event:
         """Take the new token t and say what it did: extended the text, or ended the row."""
@@ -282,9 +192,9 @@ class _Sampler:
 
     def screen_k(self, rows: list[_Row]) -> int | None:
         """The number of top logits that can matter for these rows, or None for all of them: every
-        row greedy or top-k, and no repetition penalty."""
+        row greedy or top-k, and no penalty or logit bias."""
         V = self.V
-        if any(r.params.repetition_penalty != 1.0 for r in rows):
+        if any(_reshapes_logits(r.params) for r in rows):
             return None
         k = max(1 if r.params.temperature == 0 else (min(r.params.top_k, V) if r.params.top_k else V) for r in rows)
         return k if k < V else None
@@ -308,11 +218,30 @@ class _Sampler:
         filtered = [sp.temperature > 0 and not pl for sp, pl in zip(p, plain)]
         self.plain_rows = torch.tensor([i for i, x in enumerate(plain) if x], dtype=torch.long, device=dev)
         self.filtered_rows = torch.tensor([i for i, x in enumerate(filtered) if x], dtype=torch.long, device=dev)
+        self._build_penalties(rows)
         self.seen = None  # (B, V) bool: the tokens in each row's context, for the repetition penalty
         if any(sp.repetition_penalty != 1.0 for sp in p):
             self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
             for i, r in enumerate(rows):
                 self.seen[i, torch.tensor(r.prompt + r.tokens, device=dev).clamp(max=V - 1)] = True
+
+    def _build_penalties(self, rows: list[_Row]) -> None:
+        """OpenAI's logit_bias (B, V) and generated-token counts (B, V), where a row asks for them."""
+        dev, V, p = self.device, self.V, [r.params for r in rows]
+        self.bias = self.counts = None
+        if any(sp.logit_bias for sp in p):
+            self.bias = torch.zeros(len(rows), V, device=dev)
+            for i, sp in enumerate(p):
+                for t, b in (sp.logit_bias or {}).items():
+                    self.bias[i, int(t)] = float(b)
+        if any(sp.presence_penalty or sp.frequency_penalty for sp in p):
+            self.presence = torch.tensor([sp.presence_penalty for sp in p], device=dev)
+            self.frequency = torch.tensor([sp.frequency_penalty for sp in p], device=dev)
+            self.counts = torch.zeros(len(rows), V, device=dev)
+            for i, r in enumerate(rows):
+                if r.tokens:
+                    ids = torch.tensor(r.tokens, device=dev).clamp(max=V - 1)
+                    self.counts[i].index_add_(0, ids, torch.ones(len(r.tokens), device=dev))
 
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
         """One uniform number per row (B,): a seeded row's from its own generator."""
@@ -330,8 +259,13 @@ class _Sampler:
         """Next token ids (B,) on the CPU for rows with logits (B, V); marks them seen."""
         if rows != self.rows:
             self._build(rows)
+        # OpenAI's logit_bias, then the repetition penalty, then presence/frequency (vLLM's order)
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.seen is not None:
             logits = repetition_penalty(logits, self.seen, self.penalty)
+        if self.counts is not None:
+            logits = presence_frequency_penalty(logits, self.counts, self.presence, self.frequency)
         if self.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -346,6 +280,8 @@ class _Sampler:
                 tokens[f] = sample_unfiltered(logits[f], self.temperature[f], u[f])
         if self.seen is not None:
             self.seen[torch.arange(len(rows), device=self.device), tokens.to(self.device)] = True
+        if self.counts is not None:
+            self.counts[torch.arange(len(rows), device=self.device), tokens.to(self.device)] += 1
         return tokens.cpu()
 
 
@@ -388,6 +324,9 @@ class Generation:
         self.forward_sizes: list[int] = []  # rows in each forward pass of the last step
         self.sampler = _Sampler(self.config.vocab_size, self.device, generator)
         self.screen_k: int | None = None  # the top logits this step's rows need (None: all)
+        # True: every row runs its own forward passes (a batch of one), so its logits, and so its
+        # tokens, never depend on which other rows share the batch (slower: one pass per row)
+        self.batch_invariant = False
         for i, (p, sp) in enumerate(zip(prompts, params)):
             self.add(p, sp, where=f"prompt {i}")
 
@@ -430,6 +369,22 @@ class Generation:
             r.finished, r.finish_reason = True, "stop"
             self.pending.append(Event(index, None, "", True, "stop"))
 
+    def park(self, index: int) -> None:
+        """Take running request `index` out of the batch at the next step, keeping its tokens, random
+        stream and text state (a server's preemption); `resume` brings it back."""
+        r = self.rows[index]
+        if not r.finished:
+            r.parked = True
+
+    def resume(self, index: int) -> None:
+        """Bring a parked request back: at the next step its prompt and the tokens it generated so
+        far are prefilled again (recompute), and it goes on as if it had never left."""
+        r = self.rows[index]
+        if r.parked:
+            r.parked = False
+            if not r.finished and r not in self.joining:
+                self.joining.append(r)
+
     def release(self, index: int) -> None:
         """Forget a finished request (a long-running server releases each one once it has its last event)."""
         r = self.rows.get(index)
@@ -447,8 +402,8 @@ class Generation:
         pass over rows that join now, and a recompute pass over rows past the context."""
         events, self.pending = self.pending, []
         self.forward_sizes = []
-        self.joining = [r for r in self.joining if not r.finished]
-        self.windowed = [r for r in self.windowed if not r.finished]
+        self.joining = [r for r in self.joining if not (r.finished or r.parked)]
+        self.windowed = [r for r in self.windowed if not (r.finished or r.parked)]
         self._compact()
         joining, self.joining = self.joining, []
         if not (self.active or self.windowed or joining):
@@ -484,7 +439,7 @@ class Generation:
         bs = self.config.block_size
         keep = []
         for i, r in enumerate(self.active):
-            if r.finished:
+            if r.finished or r.parked:
                 continue
             if len(r.prompt) + len(r.tokens) > bs:  # its next token would sit past the context
                 self.windowed.append(r)
@@ -503,17 +458,29 @@ class Generation:
         """Feed every cached row its last token: logits (B_active, V)."""
         positions, key_mask = self.cache.decode_inputs()
         idx = torch.tensor([r.tokens[-1] for r in self.active], device=self.device)[:, None]
-        return self._forward(idx, cache=self.cache.kv, positions=positions, key_mask=key_mask)
+        kv = self.cache.kv
+        if self.batch_invariant:  # each row alone, over its own slots of the cache
+            out = torch.cat([self._forward(idx[i:i + 1], cache=row_view(kv, i, p, kv.pos - p))
+                             for i, p in enumerate(self.cache.pad)])
+            kv.pos += 1
+            return out
+        return self._forward(idx, cache=kv, positions=positions, key_mask=key_mask)
 
     def _prefill(self, rows: list[_Row]) -> torch.Tensor:
         """Run the new rows' prompts (left-padded into one batch) and add their keys and values to
         the running cache: logits (B_new, V) for their first tokens."""
-        idx, pad = _left_padded([r.prompt for r in rows])
+        idx, pad = _left_padded([r.prompt + r.tokens for r in rows])  # a resumed row recomputes its tokens too
         T = idx.size(1)
         need = [len(r.prompt) + r.params.max_new_tokens for r in rows]
         positions, key_mask = left_pad_inputs(pad, 0, T, self.device)
         kv = self.cache.prefill_cache(pad, need, T)
-        logits = self._forward(idx.to(self.device), cache=kv, positions=positions, key_mask=key_mask, last_only=True)
+        if self.batch_invariant:  # each row alone, into its own slots of the new cache
+            logits = torch.cat([self._forward(idx[i:i + 1, p:].to(self.device), cache=row_view(kv, i, p, 0),
+                                              last_only=True) for i, p in enumerate(pad)])
+            kv.pos = T
+        else:
+            logits = self._forward(idx.to(self.device), cache=kv, positions=positions, key_mask=key_mask,
+                                   last_only=True)
         self.cache.admit(kv, pad, need)
         self.active = self.active + rows
         return logits
@@ -521,9 +488,17 @@ class Generation:
     def _recompute(self) -> torch.Tensor:
         """Rows past the context: nanoGPT's sliding window, the last block_size tokens recomputed."""
         bs = self.config.block_size
-        idx, pad = _left_padded([(r.prompt + r.tokens)[-bs:] for r in self.windowed])
+        seqs = [(r.prompt + r.tokens)[-bs:] for r in self.windowed]
+        if self.batch_invariant:
+            return torch.cat([self._forward(torch.tensor([q], device=self.device), last_only=True) for q in seqs])
+        idx, pad = _left_padded(seqs)
         positions, key_mask = left_pad_inputs(pad, 0, idx.size(1), self.device)
         return self._forward(idx.to(self.device), positions=positions, key_mask=key_mask, last_only=True)
+
+
+def _reshapes_logits(sp: SamplingParams) -> bool:
+    """Does this row change logits beyond the top-k (penalties, bias), so all V of them are needed?"""
+    return sp.repetition_penalty != 1.0 or bool(sp.presence_penalty or sp.frequency_penalty or sp.logit_bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,15 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float 
     return torch.where(seen, scaled, logits)
 
 
+def presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                               frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: logit[j] -= frequency * c[j] + presence * (c[j] > 0),
+    where c[j] counts token j among the tokens generated so far (not the prompt, as vLLM does).
+    logits (B, V); counts (B, V); presence, frequency (B,) -> logits (B, V)."""
+    counts = counts.to(logits.dtype)
+    return logits - frequency.to(logits.dtype)[:, None] * counts - presence.to(logits.dtype)[:, None] * (counts > 0)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V), by the reference filters and torch.multinomial."""
