@@ -487,3 +487,55 @@ def test_models_by_id(server):
     status, _, body = get(server, "/v1/models/gpt-4")
     assert_openai_error(status, body, 404, "model_not_found")
     assert get(server, f"/v1/models/{NAME}", key=None)[0] == 401
+
+
+# ----------------------------------------------------------------------------------------------
+# new: OpenAI's presence_penalty, frequency_penalty and logit_bias
+
+def test_presence_and_frequency_penalty_match_a_hand_computed_example():
+    from gptkit.sample import presence_frequency_penalty
+
+    logits = torch.tensor([[1.0, 2.0, 3.0, -1.0, 0.5], [1.0, 2.0, 3.0, -1.0, 0.5]])
+    counts = torch.tensor([[0, 2, 1, 0, 3], [1, 0, 0, 4, 0]])
+    out = presence_frequency_penalty(logits, counts, torch.tensor([0.5, -1.0]), torch.tensor([0.25, 0.0]))
+    # row 0: j=1: 2 - 0.25*2 - 0.5 = 1.0; j=2: 3 - 0.25 - 0.5 = 2.25; j=4: 0.5 - 0.75 - 0.5 = -0.75
+    # row 1: presence -1 raises tokens 0 and 3 by 1 (negative penalties encourage repetition)
+    assert out.tolist() == [[1.0, 1.0, 2.25, -1.0, -0.75], [2.0, 2.0, 3.0, 0.0, 0.5]]
+
+
+def _penalised_greedy(model, tok, prompt: str, n: int, presence: float, frequency: float, bias: dict) -> str:
+    """The reference: full recompute each step, OpenAI's formula applied token by token in Python."""
+    ids = tok.encode(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out]))[0, -1].double().tolist()
+            for t, b in bias.items():
+                logits[t] += b
+            for t in set(out):
+                logits[t] -= frequency * out.count(t) + presence
+            out.append(max(range(len(logits)), key=logits.__getitem__))
+    return tok.decode(out)
+
+
+@pytest.mark.parametrize("presence, frequency, bias", [
+    (1.0, 0.0, {}), (0.0, 2.0, {}), (0.5, 1.5, {}), (-2.0, 0.0, {}),
+    (0.0, 0.0, {262: 5.0, 11: -100.0}), (0.3, 0.7, {13: 3.0}),
+])
+def test_penalties_and_logit_bias_follow_openai_semantics(tiny, server, presence, frequency, bias):
+    _, model, tok = tiny
+    body = {"prompt": "The the the", "max_tokens": 12, "temperature": 0, "presence_penalty": presence,
+            "frequency_penalty": frequency, "logit_bias": {str(k): v for k, v in bias.items()}}
+    status, _, answer = post(server, body)
+    assert status == 200, answer
+    want = _penalised_greedy(model, tok, "The the the", 12, presence, frequency, bias)
+    assert json.loads(answer)["choices"][0]["text"] == want
+    if not (presence or frequency):  # the bias alone changed something, so the test has teeth
+        assert want != greedy_reference(model, tok, "The the the", 12)
+
+
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"-1": 1}, {"50257": 1}, {"1": 101}, {"1": "x"}, [1, 2],
+                                  {"1": float("nan")}])
+def test_bad_logit_bias_is_a_400(server, bias):
+    status, _, answer = post(server, json.dumps({"prompt": "hi", "max_tokens": 1, "logit_bias": bias}).encode())
+    assert_openai_error(status, answer, 400, None, "logit_bias")

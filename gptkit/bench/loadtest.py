@@ -4,6 +4,12 @@ Prints requests/s, p50/p99 latency, the batch sizes the server ran (from its `GE
 server's RSS before and after the load. With `--model PATH` it starts `gptkit serve` on a free
 loopback port in a subprocess and stops it at the end; with `--url` it uses a running server.
 
+With `--fairness` it measures instead whether long requests can hold the server: it starts
+`--long` streaming requests of n=`--long-n` rows and `--long-max-tokens` tokens each (4 x 8 rows fill
+the default 32-row batch), waits until all of them generate, then sends `--short` small streaming
+requests one after another and reports their time to first token (p50/p99), next to the figures
+the server's `GET /metrics` gives (its TTFT histogram, preemptions, tokens, requests by status).
+
 Each client sends its requests one after another (half of the clients stream by default); all
 clients start together. A warm-up round (one request per client) comes first, so "RSS before" is
 the server's memory once its buffers and thread pools exist, and "after" shows whether serving the
@@ -60,6 +66,113 @@ def _get_json(url: str, path: str, api_key: str | None) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=30) as r:
         return json.loads(r.read())
+
+
+def _stream_ttft(url: str, body: dict, api_key: str | None, timeout: float, first: threading.Event | None = None
+                 ) -> tuple[float | None, float, str]:
+    """Stream one completion: (seconds to its first chunk, seconds to [DONE], error or "")."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers=headers, method="POST")
+    t0 = time.perf_counter()
+    ttft = None
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for line in r:
+                if not line.startswith(b"data: "):
+                    continue
+                if line.strip() == b"data: [DONE]":
+                    return ttft, time.perf_counter() - t0, ""
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                    if first is not None:
+                        first.set()
+                if b'"error"' in line:
+                    return ttft, time.perf_counter() - t0, "error event"
+        return ttft, time.perf_counter() - t0, "stream ended without [DONE]"
+    except urllib.error.HTTPError as e:
+        return None, time.perf_counter() - t0, f"HTTP {e.code}"
+    except Exception as e:  # connection reset, timeout
+        return None, time.perf_counter() - t0, f"{type(e).__name__}: {e}"
+
+
+def read_metrics(url: str, api_key: str | None) -> dict[str, float]:
+    """The server's /metrics as {'name{label="v",...}': value} (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers), timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(smp.labels.items()))
+            out[f"{smp.name}{{{labels}}}" if labels else smp.name] = smp.value
+    return out
+
+
+def run_fairness(url: str, long: int = 4, long_n: int = 8, long_max_tokens: int = 512, short: int = 20,
+                 short_max_tokens: int = 5, api_key: str | None = None, timeout: float = 600.0) -> dict:
+    """Short requests' time to first token while `long` requests of n=`long_n` rows run."""
+    before = read_metrics(url, api_key)
+    started = [threading.Event() for _ in range(long)]
+    long_results: list[tuple] = []
+
+    def long_client(i: int) -> None:
+        body = {"prompt": f"Long request {i}:", "max_tokens": long_max_tokens, "n": long_n, "temperature": 1.0}
+        long_results.append(_stream_ttft(url, body, api_key, timeout, started[i]))
+
+    threads = [threading.Thread(target=long_client, args=(i,), daemon=True) for i in range(long)]
+    for t in threads:
+        t.start()
+    for e in started:
+        e.wait(timeout)
+    ttfts, errors, long_done_early = [], [], 0
+    for k in range(short):
+        ttft, _, err = _stream_ttft(url, {"prompt": f"Short question {k}:", "max_tokens": short_max_tokens,
+                                          "temperature": 1.0}, api_key, timeout)
+        (errors.append(err) if err else ttfts.append(ttft))
+        long_done_early = len(long_results)
+    during = read_metrics(url, api_key)
+    for t in threads:
+        t.join(timeout)
+    after = read_metrics(url, api_key)
+
+    def delta(name: str, m: dict = after) -> float:
+        return m.get(name, 0.0) - before.get(name, 0.0)
+
+    ttft_n = delta("gptkit_time_to_first_token_seconds_count")
+    return {
+        "long": long, "long_n": long_n, "long_max_tokens": long_max_tokens, "short": short,
+        "short_max_tokens": short_max_tokens, "short_answered": len(ttfts), "errors": len(errors),
+        "error_kinds": dict(Counter(errors + [e for *_, e in long_results if e])),
+        "long_finished_before_shorts_ended": long_done_early,
+        "short_ttft_p50_s": _percentile(ttfts, 50) if ttfts else None,
+        "short_ttft_p99_s": _percentile(ttfts, 99) if ttfts else None,
+        "long_ttft_max_s": max((t for t, *_ in long_results if t is not None), default=None),
+        "metrics_rows_running_during": during.get("gptkit_num_rows_running"),
+        "metrics_preemptions": delta("gptkit_num_preemptions"),
+        "metrics_ttft_mean_s": delta("gptkit_time_to_first_token_seconds_sum") / ttft_n if ttft_n else None,
+        "metrics_generation_tokens": delta("gptkit_generation_tokens_total"),
+        "metrics_requests_200": delta('gptkit_requests_total{route="/v1/completions",status="200"}'),
+    }
+
+
+def format_fairness(r: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.3f} s"  # noqa: E731
+    return "\n".join([
+        f"{r['long']} long streaming requests (n={r['long_n']}, max_tokens {r['long_max_tokens']}) running; "
+        f"{r['short']} short ones (max_tokens {r['short_max_tokens']}) sent one after another",
+        f"short requests answered {r['short_answered']}, errors {r['errors']}"
+        + (f" {r['error_kinds']}" if r["errors"] else "")
+        + f"; long requests finished before the last short one: {r['long_finished_before_shorts_ended']}",
+        f"short time to first token: p50 {f(r['short_ttft_p50_s'])}, p99 {f(r['short_ttft_p99_s'])}",
+        f"/metrics: rows running during the shorts {r['metrics_rows_running_during']}, preemptions "
+        f"{r['metrics_preemptions']:.0f}, mean TTFT (all requests) {f(r['metrics_ttft_mean_s'])}, tokens generated "
+        f"{r['metrics_generation_tokens']:.0f}, completions answered 200: {r['metrics_requests_200']:.0f}",
+    ])
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -201,12 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--stream", choices=["none", "half", "all"], default="half")
     p.add_argument("--server-args", default="", help="extra `gptkit serve` options, e.g. '--max-batch 64'")
+    p.add_argument("--fairness", action="store_true", help="measure short requests' TTFT while long ones run")
+    p.add_argument("--long", type=int, default=4, help="--fairness: long streaming requests (default 4)")
+    p.add_argument("--long-n", type=int, default=8, help="--fairness: rows (n) per long request (default 8)")
+    p.add_argument("--long-max-tokens", type=int, default=512, help="--fairness: tokens per long row (default 512)")
+    p.add_argument("--short", type=int, default=20, help="--fairness: short requests, one after another")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     a = p.parse_args(argv)
     if a.clients < 1 or a.requests < 1:
         p.error("--clients and --requests must be >= 1")
 
     def go(url: str) -> dict:
+        if a.fairness:
+            return run_fairness(url, a.long, a.long_n, a.long_max_tokens, a.short, a.max_tokens, a.api_key)
         return run_load(url, a.clients, a.requests, a.max_tokens, a.api_key, a.stream)
 
     if a.model:
@@ -214,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             r = go(srv.url)
     else:
         r = go(a.url.rstrip("/"))
-    print(json.dumps(r) if a.json else format_report(r))
+    print(json.dumps(r) if a.json else (format_fairness if a.fairness else format_report)(r))
     return 0 if r["errors"] == 0 else 1
 
 

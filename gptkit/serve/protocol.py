@@ -157,8 +157,8 @@ OBJECT = (lambda v: isinstance(v, dict), "an object")
 
 # OpenAI's fields gptkit does not implement: refused rather than silently ignored (key -> accepted values)
 UNSUPPORTED = (("echo", lambda v: v in (None, False)), ("suffix", lambda v: v is None),
-               ("logprobs", lambda v: v in (None, 0)), ("logit_bias", lambda v: not v),
-               ("presence_penalty", lambda v: v in (None, 0)), ("frequency_penalty", lambda v: v in (None, 0)))
+               ("logprobs", lambda v: v in (None, 0)))
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as vLLM's _SAMPLING_EPS: logits / 1e-40 overflow
 SEED_LIMIT = 2 ** 63  # seeds are int64 (torch.Generator.manual_seed), and row j uses seed + j
@@ -171,12 +171,15 @@ SAMPLING_FIELDS = {
     "top_k": (None, INT, [(lambda v: v >= 0, ">= 0 (0 = off)")], "top_k"),  # an extension, as in vLLM
     # an extension, as in vLLM; bounded so that logits / penalty stays finite
     "repetition_penalty": (1.0, NUMBER, [(lambda v: 0.01 <= v <= 100, "in [0.01, 100]")], "repetition_penalty"),
+    "presence_penalty": (0.0, NUMBER, [(lambda v: -2 <= v <= 2, "in [-2, 2]")], "presence_penalty"),
+    "frequency_penalty": (0.0, NUMBER, [(lambda v: -2 <= v <= 2, "in [-2, 2]")], "frequency_penalty"),
 }
 
 
-def sampling_fields(body: dict) -> dict:
-    """The SamplingParams keyword arguments of the fields in SAMPLING_FIELDS (each checked, or a 400)."""
-    out = {}
+def sampling_fields(body: dict, vocab_size: int) -> dict:
+    """The SamplingParams keyword arguments of the fields in SAMPLING_FIELDS and of logit_bias (each
+    checked, or a 400)."""
+    out = {"logit_bias": _parse_logit_bias(body.get("logit_bias"), vocab_size)}
     for key, (default, kind, rules, name) in SAMPLING_FIELDS.items():
         v = _field(body, key, default, kind, *rules)
         out[name] = float(v) if isinstance(v, (int, float)) and kind is NUMBER else v
@@ -221,7 +224,7 @@ def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: 
     limit = config.max_tokens_limit
     max_tokens = _field(body, "max_tokens", None, INT,
                         (lambda v: v >= 0, ">= 0"), (lambda v: v <= limit, f"<= {limit}"))
-    sampling = sampling_fields(body)
+    sampling = sampling_fields(body, tokenizer.vocab_size)
     n = _field(body, "n", 1, INT, (lambda v: v >= 1, ">= 1"))
     if _field(body, "best_of", n, INT) != n:
         raise APIError(400, "'best_of' other than n is not supported by gptkit serve", "best_of",
@@ -272,6 +275,28 @@ def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: 
                              **sampling)
               for _ in ids for j in range(n)]
     return CompletionRequest(ids, n, params, stream, include_usage)
+
+
+def _parse_logit_bias(bias, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise APIError(400, f"'logit_bias' must be an object mapping token ids to numbers, got {_show(bias)}",
+                       "logit_bias", "invalid_type")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}", "logit_bias",
+                       "invalid_value")
+    out = {}
+    for k, v in bias.items():
+        if not (k.isascii() and k.isdigit() and len(k) <= 9 and int(k) < vocab_size):
+            raise APIError(400, f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {_show(k)}",
+                           "logit_bias", "invalid_value")
+        if not (_is_num(v) and -100 <= v <= 100):
+            raise APIError(400, f"'logit_bias' values must be numbers in [-100, 100], got {_show(v)}", "logit_bias",
+                           "invalid_value")
+        out[int(k)] = float(v)
+    return out or None
 
 
 def _which(i: int, prompts: list) -> str:
