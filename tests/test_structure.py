@@ -19,7 +19,7 @@ MAX_FUNCTION_LINES, MAX_CLASS_LINES, MAX_MODULE_LINES = 120, 300, 600
 
 # optional dependencies (extras in pyproject.toml), imported where their feature starts
 ALLOWED_LAZY = (
-    "fastapi", "starlette", "uvicorn",  # serve
+    "fastapi", "starlette", "uvicorn", "prometheus_client",  # serve
     "matplotlib",  # plot
     "triton", "gptkit.attention.triton",  # the triton attention backend (the module imports triton at its top)
     "wandb", "tensorboard", "torch.utils.tensorboard",  # metrics loggers

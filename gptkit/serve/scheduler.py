@@ -266,29 +266,18 @@ class Scheduler:
         return taken
 
     def _preempt_locked(self) -> int:
-        """Park running rows for waiting requests; returns how many rows were freed. A row may be
-        parked once it generated `preempt_after` tokens since it (re)started, and only for a request
-        that has been served at least `preempt_after` tokens fewer than the row's own request."""
-        quantum = self.config.preempt_after
-        want = sorted((j for j in self.waiting if j.pending), key=lambda j: j.served)
-        victims = sorted(((j.served, i) for i, (j, _) in self.owners.items()
-                          if not j.cancelled and self.row_run.get(i, 0) >= quantum), reverse=True)
-        freed = 0
-        for j in want:
-            for _ in range(len(j.pending)):
-                if not victims or victims[0][0] < j.served + quantum:
-                    return freed
-                _, i = victims.pop(0)
-                owner = self.owners.pop(i)
-                self.gen.park(i)
-                self.parked[i] = owner
-                owner[0].pending.append(("parked", i))
-                if owner[0] not in self.waiting:
-                    self.waiting.append(owner[0])
-                self.running_rows -= 1
-                self.preemptions += 1
-                freed += 1
-        return freed
+        """Park the rows `preemption_plan` picks; returns how many rows were freed."""
+        plan = preemption_plan(self.waiting, self.owners, self.row_run, self.config.preempt_after)
+        for i in plan:
+            owner = self.owners.pop(i)
+            self.gen.park(i)
+            self.parked[i] = owner
+            owner[0].pending.append(("parked", i))
+            if owner[0] not in self.waiting:
+                self.waiting.append(owner[0])
+        self.running_rows -= len(plan)
+        self.preemptions += len(plan)
+        return len(plan)
 
     def _admit(self, taken: list[tuple[Job, tuple]]) -> None:
         """Add the rows to the running batch; they join it at the next step."""
@@ -350,41 +339,7 @@ class Scheduler:
                 self.cond.notify_all()
             self._fail(list(jobs.values()), e)
             return
-        now = time.monotonic()
-        per_job: dict[int, tuple[Job, list[Event]]] = {}
-        rows_done = jobs_done = tokens = 0
-        for ev in events:
-            owner = self.owners.get(ev.index)
-            if owner is None:  # a row of a job that failed to join
-                if ev.finished:
-                    gen.release(ev.index)
-                continue
-            j, r = owner
-            if ev.token is not None:
-                tokens += 1
-                j.served += 1
-                self.row_run[ev.index] = self.row_run.get(ev.index, 0) + 1
-                if j.first_token_step is None:
-                    j.first_token_step, j.first_token_at = self.step_count, now
-                    if self.metrics is not None:
-                        self.metrics.first_token(now - j.arrived)
-                elif self.metrics is not None and ev.index in self.row_last:
-                    self.metrics.inter_token(now - self.row_last[ev.index])
-                self.row_last[ev.index] = now
-            if ev.finished:
-                j.completion_tokens += len(gen.rows[ev.index].tokens)
-                gen.release(ev.index)
-                del self.owners[ev.index]
-                self.row_run.pop(ev.index, None)
-                self.row_last.pop(ev.index, None)
-                rows_done += 1
-                j.left -= 1
-                if j.left == 0:
-                    jobs_done += 1
-                    if self.metrics is not None and not j.cancelled:
-                        self.metrics.request_done(now - j.arrived)
-            if ev.text or ev.finished:
-                per_job.setdefault(id(j), (j, []))[1].append(replace(ev, index=r))
+        per_job, rows_done, jobs_done, tokens = _route_events(self, events, time.monotonic())
         for j, evs in per_job.values():
             if not j.cancelled:
                 self._deliver(j, evs)
@@ -413,3 +368,60 @@ class Scheduler:
             job.sink(item)
         except Exception:  # a sink must never take the scheduler down (e.g. its event loop closed)
             pass
+
+
+def preemption_plan(waiting, owners: dict[int, tuple[Job, int]], row_run: dict[int, int], quantum: int) -> list[int]:
+    """The running rows (generation indices) to park for the waiting requests. A row may be parked
+    once it generated `quantum` tokens since it (re)started, and only for a request that has been
+    served at least `quantum` tokens fewer than the row's own request; the best-served requests give
+    up rows first, the least-served waiting requests get them first."""
+    want = sorted((j for j in waiting if j.pending), key=lambda j: j.served)
+    victims = sorted(((j.served, i) for i, (j, _) in owners.items()
+                      if not j.cancelled and row_run.get(i, 0) >= quantum), reverse=True)
+    plan = []
+    for j in want:
+        for _ in range(len(j.pending)):
+            if not victims or victims[0][0] < j.served + quantum:
+                return plan
+            plan.append(victims.pop(0)[1])
+    return plan
+
+
+def _route_events(s: Scheduler, events: list[Event], now: float):
+    """One step's events, routed to their jobs (row index in the job), with the token, fairness and
+    latency bookkeeping on the way: (events per job, rows finished, jobs finished, tokens)."""
+    per_job: dict[int, tuple[Job, list[Event]]] = {}
+    rows_done = jobs_done = tokens = 0
+    for ev in events:
+        owner = s.owners.get(ev.index)
+        if owner is None:  # a row of a job that failed to join
+            if ev.finished:
+                s.gen.release(ev.index)
+            continue
+        j, r = owner
+        if ev.token is not None:
+            tokens += 1
+            j.served += 1
+            s.row_run[ev.index] = s.row_run.get(ev.index, 0) + 1
+            if j.first_token_step is None:
+                j.first_token_step, j.first_token_at = s.step_count, now
+                if s.metrics is not None:
+                    s.metrics.first_token(now - j.arrived)
+            elif s.metrics is not None and ev.index in s.row_last:
+                s.metrics.inter_token(now - s.row_last[ev.index])
+            s.row_last[ev.index] = now
+        if ev.finished:
+            j.completion_tokens += len(s.gen.rows[ev.index].tokens)
+            s.gen.release(ev.index)
+            del s.owners[ev.index]
+            s.row_run.pop(ev.index, None)
+            s.row_last.pop(ev.index, None)
+            rows_done += 1
+            j.left -= 1
+            if j.left == 0:
+                jobs_done += 1
+                if s.metrics is not None and not j.cancelled:
+                    s.metrics.request_done(now - j.arrived)
+        if ev.text or ev.finished:
+            per_job.setdefault(id(j), (j, []))[1].append(replace(ev, index=r))
+    return per_job, rows_done, jobs_done, tokens
