@@ -30,13 +30,13 @@ def _run(model, target, sp, others, join_at, invariant):
     """The target row's tokens and the logits it sampled from, joining `others` after `join_at` steps."""
     gen = Generation(model)
     gen.batch_invariant = invariant
-    seen, choose, want = [], gen._choose, []
+    seen, choose, want = [], gen.sampler.choose, []
 
     def recording_choose(rows, logits):
         seen.extend(logits[i].clone() for i, r in enumerate(rows) if want and r.index == want[0])
         return choose(rows, logits)
 
-    gen._choose = recording_choose
+    gen.sampler.choose = recording_choose
     for p, q in others:
         gen.add(p, q)
     for _ in range(join_at):

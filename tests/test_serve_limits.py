@@ -285,9 +285,16 @@ def test_5_7_8_signal_shuts_down_gracefully_with_one_log_line_each(tiny, sig):
         # 5: a long stream, a long JSON request, and a short one that ends within the grace period
         long_stream = send({"prompt": "once upon", "max_tokens": 60, "stream": True})
         long_json = send({"prompt": "long", "max_tokens": 60})
-        short = send({"prompt": "short", "max_tokens": 3})
+        short = send({"prompt": "short", "max_tokens": 8})
         first = long_stream.recv(4096)
         assert first.startswith(b"HTTP/1.1 200")
+
+        def running_rows() -> int:
+            sock = socket.create_connection((host, port), timeout=30)
+            sock.sendall(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Connection: close\r\n\r\n")
+            return json.loads(read_all(sock).partition(b"\r\n\r\n")[2])["running_rows"]
+
+        assert wait_for(lambda: running_rows() == 3)  # all three are generating
         srv.proc.send_signal(sig)
         late = read_all(send({"prompt": "late", "max_tokens": 1}))  # during the grace period: a JSON 503
         assert late.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in late.lower() and b"shutting_down" in late
