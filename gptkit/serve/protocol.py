@@ -233,7 +233,7 @@ def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: 
                   (lambda v: -SEED_LIMIT <= v and v + n <= SEED_LIMIT, f"in [-2**63, 2**63 - n] (n = {n})"))
     stream = _field(body, "stream", False, BOOL)
     options = _field(body, "stream_options", {}, OBJECT)
-    include_usage = options.get("include_usage", False)
+    include_usage = options.get("include_usage") or False
     if not isinstance(include_usage, bool):
         raise APIError(400, "'stream_options.include_usage' must be true or false", "stream_options", "invalid_type")
     stop = _parse_stop(body.get("stop"))
