@@ -2,12 +2,17 @@
 
 `evaluate` averages the loss over every target token of a split, in the fixed windows of
 `data.eval_windows`; `estimate_loss` averages a few fixed random batches (the same ones at every
-periodic eval of a run); `evaluate_model` is `gptkit eval` on any loadable model.
+periodic eval of a run); `evaluate_model` is `gptkit eval` on any loadable model, and
+`split_bits_per_byte` turns its loss into bits per byte. Multiple-choice tasks (HellaSwag) are
+in gptkit/tasks.py.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +22,7 @@ from gptkit.errors import GptkitError
 from gptkit.loading import load_model
 from gptkit.model import GPT
 from gptkit.runtime import autocast, pick_device, pick_dtype
+from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
 def evaluate(model: GPT, data_dir: Path, block_size: int, batch_size: int, device, dtype, split: str = "val",
              progress: bool = False) -> tuple[float, int]:
@@ -76,3 +82,68 @@ def evaluate_model(model_path: str, data_dir: str, split: str = "val", batch_siz
         toks = SplitTokens(data_dir, split)
         check_vocab(data_dir, toks.files, toks.shards, model.config.vocab_size)
     return evaluate(model, Path(data_dir), T, batch_size, dev, dt, split=split, progress=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# bits per byte: the loss per UTF-8 byte of text, comparable across tokenizers (nanochat's measure)
+
+
+def token_byte_lengths(tokenizer, size: int) -> torch.Tensor:
+    """(size,) int64: how many UTF-8 bytes each token id decodes to.
+
+    Char models: each character's UTF-8 length. BPE: the token's own bytes. Special tokens
+    (GPT-2's <|endoftext|>, a tokenizer's bos/eos) mark document boundaries and stand for no
+    text: 0 bytes.
+    Ids beyond the tokenizer's vocabulary (a padded model vocab) also count 0."""
+    n = min(size, tokenizer.vocab_size)
+    out = torch.zeros(size, dtype=torch.long)
+    special = {i for i in (getattr(tokenizer, k, None) for k in ("eot", "bos", "eos")) if i is not None}
+    if getattr(tokenizer, "kind", None) == "char":
+        lengths = [len(c.encode("utf-8")) for c in tokenizer.chars[:n]]
+    else:
+        lengths = [0 if i in special else len(tokenizer.token_bytes(i)) for i in range(n)]
+    out[:n] = torch.tensor(lengths, dtype=torch.long)
+    return out
+
+
+def data_tokenizer(meta: dict, vocab: str | None = None, model_dir=None):
+    """The tokenizer a prepared data directory was made with (its meta.json), or None if unknown.
+    Without a meta.json (llm.c's own shards), the tokens are GPT-2's."""
+    kind = meta.get("tokenizer")
+    if kind == "char" and meta.get("chars"):
+        return CharTokenizer(meta["chars"])
+    if kind == "gpt2" or not meta:
+        return gpt2_tokenizer(vocab, model_dir)
+    return None
+
+
+def bits_per_byte(loss_nats_total: float, n_bytes: int) -> float:
+    """Total loss in nats over some tokens -> bits per UTF-8 byte of the text those tokens decode to."""
+    return loss_nats_total / math.log(2) / n_bytes if n_bytes else float("nan")
+
+
+def split_target_bytes(data_dir: str | Path, split: str, lengths: torch.Tensor) -> int:
+    """UTF-8 bytes of the tokens a whole-split eval predicts: every token of the split but the first
+    (data.eval_windows), each counted by `lengths` (token_byte_lengths)."""
+    toks = SplitTokens(data_dir, split)
+    table = lengths.numpy()
+    total = 0
+    for i, shard in enumerate(toks.shards):
+        ids = np.asarray(shard[1:] if i == 0 else shard, dtype=np.int64)
+        if len(ids) and ids.max() >= len(table):
+            raise GptkitError(f"token id {int(ids.max())} is outside the tokenizer's {len(table)} ids", toks.files[i],
+                              "the data was not prepared with the tokenizer its meta.json names")
+        total += int(table[ids].sum())
+    return total
+
+
+def split_bits_per_byte(data_dir: str | Path, split: str, mean_loss: float, n_tokens: int,
+                        vocab: str | None = None, model_dir=None) -> tuple[float, int] | None:
+    """(bits per byte, bytes) of a whole-split eval's mean loss over n_tokens, or None when the
+    data's tokenizer is unknown. bpb = mean_loss * n_tokens / ln 2 / bytes."""
+    tok = data_tokenizer(read_meta(data_dir), vocab, model_dir)
+    if tok is None:
+        return None
+    n_bytes = split_target_bytes(data_dir, split, token_byte_lengths(tok, tok.vocab_size))
+    return bits_per_byte(mean_loss * n_tokens, n_bytes), n_bytes
+
