@@ -4,13 +4,16 @@ library function; user errors (GptkitError) become one line on stderr and exit c
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import sys
+from pathlib import Path
 
 # modules, not their functions: a runner looks its library function up when it runs (tests patch them)
-from gptkit import __version__, bench, config, convert, data, evaluate, inference, plot, prepare, serve, train, validate
+from gptkit import (__version__, bench, config, convert, data, evaluate, inference, plot, prepare, serve, tasks,
+                    train, validate)
 from gptkit.errors import GptkitError
 
 
@@ -149,19 +152,46 @@ def _sample(p):
     return run
 
 
-@command("eval", "loss and perplexity of a model over the whole val split")
+@command("eval", "loss, perplexity and bits per byte over a val split, or a multiple-choice task (HellaSwag)")
 def _eval(p):
     p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
-    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--data", help="prepared data directory: loss, perplexity and bits per byte over its split")
+    p.add_argument("--task", choices=["hellaswag", "mc"],
+                   help="multiple-choice task: hellaswag (llm.c's scoring) or mc (a jsonl of context/choices/label)")
+    p.add_argument("--data-file", help="the task's jsonl (default for hellaswag: found or downloaded)")
+    p.add_argument("--limit", type=int, help="score only the first N items")
+    p.add_argument("--json", action="store_true", help="print one JSON object {task, n, acc, acc_norm}")
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
 
     def run(a):
+        if (a.data is None) == (a.task is None):
+            raise GptkitError("give either --data DIR or --task NAME", "gptkit eval",
+                              "--data for loss/perplexity/bits per byte, --task hellaswag|mc for a benchmark")
+        if a.task:
+            res = tasks.run_task(a.model, a.task, a.data_file, a.limit, a.device, a.dtype, a.vocab)
+            if res.truncated:
+                print(f"note: {res.truncated:,} of {res.n:,} contexts were cut from the left to fit the model's "
+                      "context", file=sys.stderr)
+            print(json.dumps(res.to_json()) if a.json else res.summary())
+            return
+        if a.data_file or a.limit is not None or a.json:
+            raise GptkitError("--data-file, --limit and --json go with --task", "gptkit eval", "add --task NAME")
         loss, n = evaluate.evaluate_model(a.model, a.data, a.split, a.batch_size, a.block_size, a.device, a.dtype)
-        print(f"{a.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} over {n:,} tokens")
+        model_dir = Path(a.model) if Path(a.model).is_dir() else None
+        try:
+            bpb = evaluate.split_bits_per_byte(a.data, a.split, loss, n, a.vocab, model_dir)
+        except GptkitError as e:  # e.g. no GPT-2 vocabulary offline: the loss still stands
+            print(f"note: no bits per byte: {e.what} ({e.where}): {e.hint}", file=sys.stderr)
+            bpb = None
+        line = f"{a.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} over {n:,} tokens"
+        if bpb is not None:
+            line += f", {bpb[0]:.4f} bits per byte ({bpb[1]:,} bytes)"
+        print(line)
     return run
 
 
