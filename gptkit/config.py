@@ -282,6 +282,10 @@ class TrainConfig:
     eval_interval: int = 1000  # 0 = only at the end
     eval_batches: int = 10  # batches per periodic val estimate; the final eval covers the whole split
     final_eval: bool = True  # loss over the whole val split at the end
+    # multiple-choice tasks scored at every eval, comma-separated: hellaswag, mc (logs <task>_acc_norm)
+    eval_tasks: str = ""
+    eval_task_limit: int = 0  # items per task (0 = all)
+    eval_task_file: str = ""  # the task's jsonl (one task; default for hellaswag: found or downloaded)
     sample_interval: int = 0  # 0 = only at the end
     sample_tokens: int = 200  # 0 = no samples
     sample_temperature: float = 0.8
@@ -317,7 +321,7 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise GptkitError(f"{name} must be a positive integer, got {v!r}", name, f"set {name}=N with N > 0")
         nonneg = ("warmup_steps", "decay_steps", "eval_interval", "sample_interval", "sample_tokens", "ckpt_interval",
-                  "keep_last", "threads", "max_bad_steps")
+                  "keep_last", "threads", "max_bad_steps", "eval_task_limit")
         for name in nonneg:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -39,6 +39,7 @@ from gptkit.runtime import (DTYPES, autocast, bf16_weights, measure_peak_flops, 
                             resolve_attention, setup_cuda_matmul, setup_distributed, setup_threads, synchronize,
                             teardown_distributed)
 from gptkit.inference import sample_text
+from gptkit.tasks import TrainTasks
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
 PROCESS_START = process_start_time()  # wall time is counted from the process start (before imports)
@@ -177,8 +178,8 @@ class Trainer:
                  f"{self.tokens_per_step:,} tokens/step; {self.attention} attention; "
                  f"{'bf16 weights + fp32 master' if self.shadow else 'fp32 weights'}; {self.threads} threads; "
                  f"run dir {self.run_dir}")
-
         self.tokenizer = run_tokenizer(self.chars, mcfg, self.log)
+        self.tasks = TrainTasks.for_run(cfg, self.tokenizer, mcfg.block_size)  # read now: a bad file stops the run
         # metrics.jsonl (+ TensorBoard / W&B); on resume, records past the checkpoint are dropped
         self.metrics = RunLogger(self.run_dir, cfg, resume_step=self.step if self.resume_ckpt is not None else None) \
             if dist.is_main else None
@@ -290,6 +291,7 @@ class Trainer:
                                                    self.dtype)
             train_part = f"train {fields['train_loss']:.4f}, " if log_now else ""
             self._say(f"step {step}: {train_part}val {fields['val_loss']:.4f}")
+            fields.update(score_tasks(self, f"step {step}"))
         self._write(self._row(t, **fields))
         if log_now:
             if self.budget.enabled:  # the time budget, not max_steps, ends this run: show where
@@ -305,7 +307,7 @@ class Trainer:
                                      self.dtype, progress=cfg.progress and self.dist.is_main)
         self.log(f"final val loss {self.final_val:.4f} (perplexity {math.exp(min(self.final_val, 50)):.2f}) "
                  f"over the whole val split, {n:,} tokens")
-        self._write(self._row(**self.last_train, val_loss=self.final_val, final=True))
+        self._write(self._row(**self.last_train, val_loss=self.final_val, **score_tasks(self, "final"), final=True))
 
     def _sample(self, last_step: bool) -> None:
         cfg, step = self.cfg, self.step
@@ -491,6 +493,19 @@ def run_tokenizer(chars: list[str] | None, mcfg: GPTConfig, log):
     return None
 
 
+def score_tasks(tr: Trainer, when: str) -> dict[str, float]:
+    """The eval_tasks' metrics for a metrics row ({} without eval_tasks), said in the log; timed, so
+    that the time budget keeps room for scoring them once more after the last step."""
+    if tr.tasks is None:
+        return {}
+    t = time.time()
+    scores = tr.tasks(tr.model, tr.device, tr.dtype)
+    tr.budget.tasks_s = time.time() - t
+    tr.budget.eval_since += tr.budget.tasks_s
+    tr._say(f"{when}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+
 def sample_during_training(model: GPT, tokenizer, c: TrainConfig, device) -> str:
     """One sample from the empty prompt, in the run's sampling settings; the model's mode is kept."""
     was_training = model.training
@@ -518,11 +533,12 @@ class _TimeBudget:
         self.train_s_per_tok = None  # a running average that skips the first steps (compilation, warm-up)
         self.eval_s_per_tok = None
         self.eval_since = 0.0  # eval time since the last tick
+        self.tasks_s = 0.0  # the last scoring of eval_tasks, which the final eval repeats
 
     def reserve(self) -> float:
         """Seconds kept for the final eval, checkpoint and sample."""
         per_tok = self.eval_s_per_tok or (self.train_s_per_tok or 0.0) / 2.0
-        return 1.2 * per_tok * self.val_tokens + 1.0
+        return 1.2 * (per_tok * self.val_tokens + self.tasks_s) + 1.0
 
     def tick(self, step: int, warmup_steps: int, tokens_per_step: int) -> None:
         now = time.time()
