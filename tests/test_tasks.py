@@ -490,3 +490,32 @@ def test_hf_tokenizer_choices_are_split_from_the_joint_encoding_as_lm_eval_does(
     got = json.loads(capsys.readouterr().out)
     assert got["acc"] == pytest.approx(correct / len(MC_ROWS)) and got["acc_norm"] == pytest.approx(
         correct_norm / len(MC_ROWS))
+
+
+def test_hellaswag_on_a_llama_family_model_equals_transformers(ref_enc, gpt2_vocab_path, tmp_path, capsys):
+    """The scorer only needs logits: a Llama-architecture model (RoPE, RMSNorm, SwiGLU, GQA) with
+    GPT-2's vocabulary scores as transformers' LlamaForCausalLM does."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.5, tie_word_embeddings=False))
+    hf.eval()
+    hf.save_pretrained(tmp_path / "llama")
+    from gptkit.loading import load_model
+    from gptkit.tokenizer import tokenizer_for
+
+    loaded = load_model(tmp_path / "llama")
+    encode = tokenizer_for(loaded, gpt2_vocab_path).encode
+    for it in ITEMS:  # every choice's summed loss, in one padded batch, equals transformers' one by one
+        tokens, mask, _ = tasks.render(tasks.Item(it["ctx"], tuple(it["endings"]), it["label"]), encode, 64)
+        with torch.no_grad():
+            total, _ = tasks.choice_losses(loaded.model(tokens), tokens, mask)
+        ref = reference_losses(hf, ref_enc, it["ctx"], it["endings"], 64)
+        assert total.tolist() == pytest.approx([t for t, _ in ref], rel=1e-5, abs=1e-4)
+    f = write_jsonl(tmp_path / "hs.jsonl", ITEMS)
+    acc, acc_norm = reference_scores(hf, ref_enc, ITEMS)
+    assert main(["eval", "--model", str(tmp_path / "llama"), "--task", "hellaswag", "--data-file", str(f), "--json",
+                 "--vocab", str(gpt2_vocab_path)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["acc"] == pytest.approx(acc) and got["acc_norm"] == pytest.approx(acc_norm)
