@@ -277,6 +277,38 @@ def _serve(p):
     return run
 
 
+@command("tokenizer", "train a byte-level BPE tokenizer on your own text")
+def _tokenizer(p):
+    sub = p.add_subparsers(dest="action", metavar="<action>", parser_class=_Parser)
+    t = sub.add_parser("train", help="train a byte-level BPE (tokenizers' trainer) and write DIR/tokenizer.json",
+                       description="Train a byte-level BPE with <|endoftext|> as its special token, streaming "
+                                   "over the text; then print bytes per token against GPT-2's BPE.")
+    t.add_argument("sources", nargs="+", metavar="TEXT_OR_DIR", help="text files or folders of .txt files")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, specials included")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
+
+    def run(a):
+        if getattr(a, "action", None) != "train":
+            raise GptkitError("missing action", "tokenizer", "use `gptkit tokenizer train TEXT... --vocab-size N "
+                                                             "--out DIR`")
+        from gptkit.tokenizer_train import train_tokenizer
+
+        r = train_tokenizer(a.sources, a.vocab_size, a.out, a.min_frequency)
+        print(f"wrote {r.out}: {', '.join(f.name for f in r.files)} (vocab {r.vocab_size:,})")
+        if r.vocab_size < a.vocab_size:
+            print(f"note: the text allows only {r.vocab_size:,} tokens (no pair left to merge "
+                  f"{a.min_frequency}+ times)", file=sys.stderr)
+        line = f"bytes per token on the corpus ({r.bytes:,} bytes): {r.bytes_per_token:.3f} ({r.tokens:,} tokens)"
+        if r.gpt2_tokens is not None:
+            line += f"; GPT-2 BPE {r.gpt2_bytes_per_token:.3f} ({r.gpt2_tokens:,} tokens)"
+        else:
+            line += "; GPT-2 BPE not measured (its vocabulary is not at hand: set GPTKIT_DATA)"
+        print(line)
+        print(f"use it: gptkit prepare TEXT --vocab {r.out / 'tokenizer.json'}")
+    return run
+
+
 @command("plot", "draw a run's loss curves (train/val vs steps and tokens, LR) as a PNG")
 def _plot(p):
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from gptkit.data import MAX_SHARD_TOKEN, ShardWriter
 from gptkit.errors import GptkitError, make_dir
 from gptkit.paths import cache_dir, data_file
-from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
+from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer, hf_document_ids, load_vocab, save_tokenizer
 
 PRESETS = ("shakespeare-char", "shakespeare")
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -264,6 +264,9 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
         docs = text_documents(src_path)
     if kind not in ("char", "gpt2"):
         raise GptkitError(f"unknown tokenizer {kind!r}", "--tokenizer", "use char or gpt2")
+    hf_tok = _hf_vocab(vocab) if kind == "gpt2" and vocab else None  # --vocab DIR/tokenizer.json
+    if hf_tok is not None:
+        kind = "hf"
     out = Path(out) if out else Path("data") / (source if source in PRESETS else src_path.stem)
     if out.exists() and not out.is_dir():
         raise GptkitError("output exists and is not a directory", out, "choose another --out")
@@ -293,7 +296,7 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
                     spool.append(np.searchsorted(codepoints, cps))
             meta.update(vocab_size=tok.vocab_size, chars=tok.chars)
         else:
-            tok = gpt2_tokenizer(vocab)
+            tok = hf_tok or gpt2_tokenizer(vocab)
             if tok.vocab_size > MAX_SHARD_TOKEN:
                 raise GptkitError(f"vocabulary of {tok.vocab_size:,} tokens exceeds the uint16 shards' 65,535",
                                   "--vocab", "uint32 shards are not supported yet")
@@ -303,6 +306,11 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
                 for ids in tok.encode_batch(_shakespeare_sections(text)):
                     spool.append([tok.eot])
                     spool.append(ids)
+            elif hf_tok is not None:
+                for p in docs:
+                    for ids in hf_document_ids(tok, bpe_pieces(iter_text(p, progress=bar))):
+                        spool.append(ids)
+                meta.update(tokenizer_files=[f.name for f in save_tokenizer(tok, out)])
             else:
                 for p in docs:
                     first = True
@@ -335,6 +343,12 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(out / "meta.json")
     return out
+
+
+def _hf_vocab(vocab):
+    """The tokenizer of a `--vocab` that names a (non-GPT-2) tokenizer.json, else None."""
+    tok = load_vocab(vocab)
+    return tok if tok.kind == "hf" else None
 
 
 def default_dataset_dir(name: str) -> Path:

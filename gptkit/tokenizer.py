@@ -565,6 +565,47 @@ def load_tokenizer(path: str | Path, vocab: str | Path | None = None):
     return tokenizer_for(load_model(path), vocab)
 
 
+def hf_document_ids(tok: HFTokenizer, pieces):
+    """The token ids of one document given as text pieces cut where the pre-tokeniser splits
+    anyway (prepare.bpe_pieces), special-token text read as plain text. The document starts with
+    bos where the tokenizer adds one (Llama), else with <|endoftext|> / eos (GPT-2 style).
+    SentencePiece-style tokenizers (a `▁` prepended to the text) are cut only before " word",
+    and the piece drops that space, for which the prepended `▁` stands."""
+    adds_bos = tok.bos is not None and tok.encode("a", add_special_tokens=True)[:1] == [tok.bos]
+    start = tok.bos if adds_bos else tok.eot
+    if start is None:
+        raise GptkitError("the tokenizer has no <|endoftext|>, eos or bos token to start documents with",
+                          tok.source or "--vocab", "train one with `gptkit tokenizer train` (it has <|endoftext|>)")
+    first, buf, sentencepiece = True, "", tok.prepends_space
+    for piece in pieces:
+        if first:
+            yield [start]
+            first = False
+        if not sentencepiece:
+            yield tok.encode_ordinary(piece)
+        elif buf and piece.startswith(" "):
+            yield tok.encode_ordinary(buf)
+            buf = piece[1:]
+        else:
+            buf += piece
+    if buf:
+        yield tok.encode_ordinary(buf)
+
+
+def tokenizer_from_data(data_dir: str | Path):
+    """The tokenizer a prepared data directory was made with, when meta.json says it is a
+    tokenizer.json (`prepare --vocab tokenizer.json` copies it there), else None. Train calls
+    this and save_tokenizer(tok, run_dir), so the run carries its tokenizer."""
+    d = Path(data_dir)
+    try:
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("tokenizer") == "hf" and (d / "tokenizer.json").is_file():
+        return load_hf_tokenizer(d)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing tokenizers as Hugging Face files (convert --to hf, runs that carry their tokenizer)
 

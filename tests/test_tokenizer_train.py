@@ -1,0 +1,124 @@
+"""`gptkit tokenizer train` (tokenizers' BpeTrainer, byte-level) and `prepare --vocab tokenizer.json`.
+References: transformers' AutoTokenizer loading the written directory; exact round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hf_tokenizers as H
+from gptkit.cli import main
+from gptkit.errors import GptkitError
+from gptkit.tokenizer import HFTokenizer, load_tokenizer
+
+HELD_OUT = [
+    "Ωμέγα and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢, never seen: ꙮ 🦀🦀 \U0010fffd",
+    "emoji 👩‍👩‍👧‍👦 🏳️‍🌈 flags 🇫🇷🇯🇵 and e\u0301 \u0915\u094d\u0937",
+    "\x00\x01\x7f control \u0085 \u2028 \u2029 \ufeff BOM",
+    "tabs\tand  double  spaces   \r\n windows\r\n<|endoftext|> as text",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two files and a folder of .txt files: the CORPUS lines, numbered so there is a lot to merge."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "a.txt").write_text("\n".join(f"{i}: {line}" for i, line in enumerate(H.CORPUS)), encoding="utf-8")
+    (root / "dir").mkdir()
+    for k in range(3):
+        (root / "dir" / f"p{k}.txt").write_text("\n".join(reversed(H.CORPUS[k::3])) * 8, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "mine"
+    assert main(["tokenizer", "train", str(corpus / "a.txt"), str(corpus / "dir"), "--vocab-size", "600",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_trained_tokenizer_has_the_vocab_size_asked_and_endoftext(trained):
+    tok = load_tokenizer(trained / "tokenizer.json")
+    assert isinstance(tok, HFTokenizer)
+    assert tok.vocab_size == 600
+    assert tok.token_to_id("<|endoftext|>") == 0 == tok.eot
+
+
+def test_held_out_unicode_round_trips_exactly(trained):
+    tok = load_tokenizer(trained)
+    for text in HELD_OUT + H.TEXTS:
+        assert tok.decode(tok.encode_ordinary(text)) == text
+        assert b"".join(tok.token_bytes(i) for i in tok.encode_ordinary(text)) == text.encode("utf-8")
+
+
+def test_transformers_autotokenizer_loads_it_and_encodes_equally(trained):
+    from transformers import AutoTokenizer
+
+    ref, tok = AutoTokenizer.from_pretrained(str(trained)), load_tokenizer(trained)
+    for text in HELD_OUT + H.TEXTS:
+        assert ref.encode(text) == tok.encode(text, add_special_tokens=True)
+        assert ref.decode(ref.encode(text)) == text
+
+
+def test_prints_bytes_per_token_against_gpt2(corpus, tmp_path, capsys):
+    import os
+
+    assert main(["tokenizer", "train", str(corpus / "dir"), "--vocab-size", "300", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bytes per token on the corpus" in out
+    if (Path(os.environ.get("GPTKIT_DATA", "/nonexistent")) / "gpt2.tiktoken").is_file():
+        assert "GPT-2 BPE" in out and "not measured" not in out
+
+
+def test_vocab_size_below_bytes_plus_specials_is_an_error_line(corpus, tmp_path, capsys):
+    assert main(["tokenizer", "train", str(corpus / "a.txt"), "--vocab-size", "256", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: vocab size 256 is below") and "--vocab-size" in err and "257" in err
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_training_streams_the_text_in_bounded_pieces(tmp_path):
+    from gptkit.tokenizer_train import iter_corpus
+
+    f = tmp_path / "big.txt"
+    f.write_text("word " * 600_000, encoding="utf-8")  # 3 MB
+    sizes = [len(p) for p in iter_corpus([f])]
+    assert sum(sizes) == 3_000_000 and len(sizes) > 2 and max(sizes) < 1_200_000
+
+
+@pytest.mark.parametrize("family", ["mine", "llama2"])
+def test_prepare_with_a_tokenizer_json_encodes_each_document_and_carries_it(family, trained, corpus, tmp_path):
+    from gptkit.data import read_meta
+    from gptkit.prepare import prepare
+    from gptkit.tokenizer import tokenizer_from_data
+
+    vocab = trained / "tokenizer.json" if family == "mine" else H.build_llama2(tmp_path / "l2") / "tokenizer.json"
+    tok = load_tokenizer(vocab)
+    out = prepare(str(corpus / "dir"), vocab=str(vocab), out=tmp_path / "data", progress=False)
+    meta = read_meta(out)
+    assert meta["tokenizer"] == "hf" and meta["vocab_size"] == tok.vocab_size
+    assert (out / "tokenizer.json").read_text() == vocab.read_text()
+    ids = np.concatenate([np.fromfile(out / f"{s}.bin", dtype=np.uint16, offset=1024) for s in ("train", "val")])
+    start = tok.bos if family == "llama2" else tok.eot
+    docs = [(corpus / "dir" / f"p{k}.txt").read_bytes().decode("utf-8") for k in range(3)]
+    want = [t for d in docs for t in [start] + tok.encode_ordinary(d)]
+    assert ids.tolist() == want  # piece by piece equals the whole document at once
+    assert tokenizer_from_data(out).encode("hi there") == tok.encode("hi there")
+
+
+def test_prepare_with_a_gpt2_vocab_is_unchanged(tmp_path):
+    import os
+
+    from gptkit.prepare import _hf_vocab
+    from gptkit.tokenizer import gpt2_tokenizer, save_tokenizer
+
+    if not (Path(os.environ.get("GPTKIT_DATA", "/nonexistent")) / "gpt2.tiktoken").is_file():
+        pytest.skip("needs $GPTKIT_DATA/gpt2.tiktoken")
+    save_tokenizer(gpt2_tokenizer(), tmp_path)
+    assert _hf_vocab(tmp_path / "tokenizer.json") is None  # GPT-2's own tokenizer.json stays the GPT-2 BPE
+    with pytest.raises(GptkitError):
+        _hf_vocab(tmp_path / "missing" / "tokenizer.json")
