@@ -3,7 +3,8 @@
 SRC is anything gptkit.loading recognises. The targets:
 - gptkit: a run directory DST holding one checkpoint (model.safetensors + state.json), which
   carries the config and, for a char model, its vocabulary;
-- hf: a directory transformers loads (config.json + model.safetensors), plus the source's BPE files;
+- hf: a directory transformers loads (config.json + model.safetensors), plus the model's tokenizer
+  as Hugging Face files, so AutoTokenizer and pipeline("text-generation") work on it;
 - llmc / llmc-bf16: a directory with llm.c's model.bin (v3 fp32 / v5 bf16) and tokenizer.bin
   (GPT-2's BPE for a 50257-token model, the char vocab for a char model).
 """
@@ -46,6 +47,27 @@ def llmc_tokenizer_for(loaded, vocab: str | Path | None = None):
     return llmc.LlmcTokenizer([tok.token_bytes(i) for i in range(GPT2_VOCAB_SIZE)], tok.eot, 2)
 
 
+def hf_tokenizer_files(loaded, dst: Path, vocab: str | Path | None, notes: list[str]) -> list[Path]:
+    """The model's tokenizer as Hugging Face files in dst (tokenizer.save_tokenizer): GPT-2's
+    vocab.json + merges.txt + tokenizer.json + tokenizer_config.json, a char model's
+    tokenizer.json mapping each character, or the model's own tokenizer.json (+ chat template)."""
+    from gptkit.tokenizer import save_tokenizer, tokenizer_for
+
+    try:
+        tok = tokenizer_for(loaded, vocab)
+    except GptkitError as e:  # no tokenizer gptkit can read: copy the source's files as they are
+        tdir, files = loaded.tokenizer_dir, []
+        if tdir is not None and Path(tdir).is_dir() and Path(tdir).resolve() != dst.resolve():
+            for name in HF_TOKENIZER_FILES:
+                if (Path(tdir) / name).is_file():
+                    shutil.copyfile(Path(tdir) / name, dst / name)
+                    files.append(dst / name)
+        if not files:
+            notes.append(f"no tokenizer files: {e.what}")
+        return files
+    return save_tokenizer(tok, dst, max_length=loaded.model.config.block_size)
+
+
 def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None) -> ConvertResult:
     """Load SRC and write it to DST in format `to` (one of TARGETS)."""
     if to not in TARGETS:
@@ -68,14 +90,7 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
         res.files += sorted(ckpt.iterdir())
     elif to == "hf":
         res.files += save_hf(model, dst)  # config.json + model.safetensors, or shards and their index
-        tdir = loaded.tokenizer_dir
-        if tdir is not None and Path(tdir).is_dir() and Path(tdir).resolve() != dst.resolve():
-            for name in HF_TOKENIZER_FILES:
-                if (Path(tdir) / name).is_file():
-                    shutil.copyfile(Path(tdir) / name, dst / name)
-                    res.files.append(dst / name)
-        if loaded.chars:
-            res.notes.append("Hugging Face has no char-level tokenizer: the char vocab is not exported")
+        res.files += hf_tokenizer_files(loaded, dst, vocab, res.notes)
     else:
         make_dir(dst, "DST")
         dtype = torch.bfloat16 if to == "llmc-bf16" else torch.float32

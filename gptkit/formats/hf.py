@@ -19,6 +19,7 @@ layout); export shards above `max_shard_size` the same way.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -430,5 +431,10 @@ def save_hf(model, path: Path, max_shard_size: int = MAX_SHARD_SIZE) -> list[Pat
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         files.append(path / "model.safetensors.index.json")
+    mask = os.umask(0)  # safetensors creates its files 0600; follow the umask as the other files do
+    os.umask(mask)
+    for f in files:
+        if f.suffix == ".safetensors":
+            os.chmod(f, 0o666 & ~mask)
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     return files

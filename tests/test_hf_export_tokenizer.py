@@ -1,0 +1,109 @@
+"""`convert --to hf` writes the tokenizer (issue 18 item 5): transformers' AutoTokenizer encodes as
+gptkit does, and pipeline("text-generation") runs end to end, greedy tokens equal to gptkit's."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_tokenizers as H
+from gptkit.config import GPTConfig
+
+pytest.importorskip("transformers")
+
+CHARS = sorted(set("hello world, HELLO WORLD!\nthe quick brown fox é日"))
+
+
+def make_run(tmp_path, vocab_size, chars=None, tokenizer_dir=None):
+    """A run directory with one checkpoint of a tiny random model (+ a tokenizer carried in the run)."""
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.model import GPT
+    from gptkit.tokenizer import load_tokenizer, save_tokenizer
+
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=vocab_size)
+    torch.manual_seed(3)
+    model = GPT(config)
+    state = {"model_config": config.to_dict(), **({"chars": chars} if chars else {})}
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, model, state)
+    if tokenizer_dir is not None:
+        save_tokenizer(load_tokenizer(tokenizer_dir), run)
+    return run
+
+
+def gptkit_greedy(path, prompt: str, n: int) -> str:
+    from gptkit.loading import load_model
+    from gptkit.tokenizer import tokenizer_for
+
+    loaded = load_model(path)
+    tok = tokenizer_for(loaded)
+    ids = tok.encode(prompt, add_special_tokens=True)
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(loaded.model(torch.tensor([ids]))[0, -1].argmax())
+            if nxt in tok.stop_ids:
+                break
+            ids.append(nxt)
+    return tok.decode(ids, skip_special_tokens=True) if hasattr(tok, "special") else tok.decode(ids)
+
+
+def check_export(run, out, prompt, texts):
+    from transformers import AutoTokenizer, pipeline
+
+    from gptkit.convert import convert
+    from gptkit.loading import load_model
+    from gptkit.tokenizer import tokenizer_for
+
+    res = convert(run, out, "hf")
+    assert out / "tokenizer.json" in res.files and not res.notes
+    tok, ref = tokenizer_for(load_model(run)), AutoTokenizer.from_pretrained(str(out))
+    for t in texts:
+        assert ref.encode(t) == tok.encode(t, add_special_tokens=True), t
+    pipe = pipeline("text-generation", model=str(out), device="cpu")
+    got = pipe(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert got == gptkit_greedy(run, prompt, 6)
+    assert len(got) > len(prompt)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
+
+
+def test_char_model_export_has_a_char_tokenizer_and_runs_in_pipeline(tmp_path):
+    run = make_run(tmp_path, len(CHARS), chars=CHARS)
+    check_export(run, tmp_path / "hf", "hello", ["hello world", "é日\n", ""])
+
+
+def test_gpt2_vocab_model_export_has_gpt2_tokenizer_files_and_runs_in_pipeline(tmp_path, gpt2_vocab_path):
+    os.environ.setdefault("GPTKIT_DATA", str(Path(gpt2_vocab_path).parent))
+    run = make_run(tmp_path, 50257)
+    out = tmp_path / "hf"
+    check_export(run, out, "Hello world", H.TEXTS)
+    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_hf_tokenizer_model_export_copies_its_tokenizer_and_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    src = H.build_bytelevel(tmp_path / "tok", chat_template=H.CHATML)
+    run = make_run(tmp_path, 512, tokenizer_dir=src)
+    check_export(run, tmp_path / "hf", "Hello world", H.TEXTS)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False) == \
+        AutoTokenizer.from_pretrained(str(src)).apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def test_python_api_load_tokenizer(tmp_path):
+    import gptkit
+
+    run = make_run(tmp_path, len(CHARS), chars=CHARS)
+    tok = gptkit.load_tokenizer(run)
+    assert tok.decode(tok.encode("hello")) == "hello"
+    src = H.build_llama3(tmp_path / "l3")
+    t3 = gptkit.load_tokenizer(src / "tokenizer.json")
+    assert t3.decode(t3.encode("héllo 日本")) == "héllo 日本"
