@@ -107,3 +107,33 @@ def test_python_api_load_tokenizer(tmp_path):
     src = H.build_llama3(tmp_path / "l3")
     t3 = gptkit.load_tokenizer(src / "tokenizer.json")
     assert t3.decode(t3.encode("héllo 日本")) == "héllo 日本"
+
+
+def test_sample_reads_a_tokenizer_json_from_vocab_or_from_the_run(tmp_path, capsys):
+    from gptkit.cli import main
+
+    src = H.build_bytelevel(tmp_path / "tok")
+    run = make_run(tmp_path, 512)
+    args = ["sample", "--model", str(run), "--prompt", "Hello wörld", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main(args) == 2  # vocab 512 and no tokenizer: an error line
+    assert capsys.readouterr().err.startswith("error: model has vocab_size 512 and no tokenizer of its own")
+    assert main(args + ["--vocab", str(src / "tokenizer.json")]) == 0
+    with_vocab = capsys.readouterr().out
+    assert main(args + ["--vocab", str(src)]) == 0
+    assert capsys.readouterr().out == with_vocab
+    from gptkit.tokenizer import load_tokenizer, save_tokenizer
+
+    save_tokenizer(load_tokenizer(src), run)  # the run carries its tokenizer
+    assert main(args) == 0
+    assert capsys.readouterr().out == with_vocab
+    assert with_vocab.startswith("Hello wörld")
+
+
+def test_tokenizer_larger_than_the_embedding_is_one_error_line_in_the_cli(tmp_path, capsys):
+    from gptkit.cli import main
+
+    src = H.build_bytelevel(tmp_path / "tok")  # 502 ids
+    run = make_run(tmp_path, 400)
+    assert main(["sample", "--model", str(run), "--vocab", str(src / "tokenizer.json"), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "502 tokens, more than the model's embedding of 400" in err
