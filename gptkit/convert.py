@@ -68,6 +68,18 @@ def hf_tokenizer_files(loaded, dst: Path, vocab: str | Path | None, notes: list[
     return save_tokenizer(tok, dst, max_length=loaded.model.config.block_size)
 
 
+def _carry_hf_tokenizer(loaded, dst: Path, vocab) -> list[Path]:
+    """A gptkit run converted from a model with a tokenizer.json of its own carries it (GPT-2 BPE
+    and char models need none: 50257 ids mean GPT-2's, and the checkpoint holds the chars)."""
+    from gptkit.tokenizer import save_tokenizer, tokenizer_for
+
+    try:
+        tok = tokenizer_for(loaded, vocab)
+    except GptkitError:
+        return []
+    return save_tokenizer(tok, dst, loaded.model.config.block_size) if tok.kind == "hf" else []
+
+
 def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None) -> ConvertResult:
     """Load SRC and write it to DST in format `to` (one of TARGETS)."""
     if to not in TARGETS:
@@ -88,6 +100,7 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
             state["chars"] = loaded.chars
         ckpt = save_checkpoint(dst, int(loaded.state.get("step", 0)), model, state)
         res.files += sorted(ckpt.iterdir())
+        res.files += _carry_hf_tokenizer(loaded, dst, vocab)
     elif to == "hf":
         res.files += save_hf(model, dst)  # config.json + model.safetensors, or shards and their index
         res.files += hf_tokenizer_files(loaded, dst, vocab, res.notes)

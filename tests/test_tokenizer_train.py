@@ -122,3 +122,27 @@ def test_prepare_with_a_gpt2_vocab_is_unchanged(tmp_path):
     assert _hf_vocab(tmp_path / "tokenizer.json") is None  # GPT-2's own tokenizer.json stays the GPT-2 BPE
     with pytest.raises(GptkitError):
         _hf_vocab(tmp_path / "missing" / "tokenizer.json")
+
+
+def test_a_model_trained_on_your_tokenizer_samples_without_vocab(trained, corpus, tmp_path, capsys):
+    """prepare --vocab DIR/tokenizer.json, train: the run carries tokenizer.json, so sample, eval and
+    convert need no --vocab."""
+    data = tmp_path / "data"
+    assert main(["prepare", str(corpus / "dir"), "--vocab", str(trained / "tokenizer.json"), "--out", str(data)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "n_layer=1", "n_head=2", "n_embd=16",
+                 "batch_size=2", "block_size=8", "max_steps=2", "warmup_steps=1", "eval_interval=0",
+                 "final_eval=false", "sample_tokens=4", "progress=false", "dtype=float32", "device=cpu",
+                 "ckpt_interval=2"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--model", str(run), "--prompt", "héllo 日本", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("héllo 日本")
+    from gptkit.convert import convert
+
+    res = convert(run, tmp_path / "hf", "hf")
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (trained / "tokenizer.json").read_text()
+    assert not res.notes
+    convert(tmp_path / "hf", tmp_path / "again", "gptkit")  # and back into a run, which carries it too
+    assert main(["sample", "--model", str(tmp_path / "again"), "--prompt", "héllo 日本", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
