@@ -315,6 +315,9 @@ class HFTokenizer:
         self.generation_eos = [int(i) for i in generation_eos]
         self.chat_template = chat_template
         self._bytes: dict[int, bytes] = {}
+        self._added = {t.content for t in self.tk.get_added_tokens_decoder().values()}
+        self._kinds = self._decoder_kinds()
+        self._n = max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def _id(self, text: str | None) -> int | None:
         return None if text is None else self.tk.token_to_id(text)
@@ -333,7 +336,7 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         """One more than the largest id (ids of added tokens included)."""
-        return max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        return self._n
 
     @property
     def stop_ids(self) -> list[int]:
@@ -388,11 +391,10 @@ class HFTokenizer:
         if b is not None:
             return b
         tok = self.tk.id_to_token(i)
-        kinds = self._decoder_kinds()
-        added = {t.content for t in self.tk.get_added_tokens_decoder().values()}
+        kinds = self._kinds
         if tok is None:
             b = b""
-        elif tok in added:
+        elif tok in self._added:
             b = tok.encode("utf-8")
         elif "ByteLevel" in kinds:
             dec = _unicode_to_bytes()
