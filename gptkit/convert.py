@@ -65,7 +65,18 @@ def hf_tokenizer_files(loaded, dst: Path, vocab: str | Path | None, notes: list[
         if not files:
             notes.append(f"no tokenizer files: {e.what}")
         return files
-    return save_tokenizer(tok, dst, max_length=loaded.model.config.block_size)
+    files = save_tokenizer(tok, dst, max_length=loaded.model.config.block_size)
+    gen = dst / "generation_config.json"
+    if tok.stop_ids and not gen.exists():  # transformers' generate() then stops where gptkit's does
+        import json
+
+        ids = tok.stop_ids
+        cfg = {"eos_token_id": ids[0] if len(ids) == 1 else ids}
+        if tok.bos is not None:
+            cfg["bos_token_id"] = tok.bos
+        gen.write_text(json.dumps(cfg, indent=2) + "\n")
+        files.append(gen)
+    return files
 
 
 def _carry_hf_tokenizer(loaded, dst: Path, vocab) -> list[Path]:

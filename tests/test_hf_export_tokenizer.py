@@ -92,6 +92,10 @@ def test_hf_tokenizer_model_export_copies_its_tokenizer_and_chat_template(tmp_pa
     src = H.build_bytelevel(tmp_path / "tok", chat_template=H.CHATML)
     run = make_run(tmp_path, 512, tokenizer_dir=src)
     check_export(run, tmp_path / "hf", "Hello world", H.TEXTS)
+    from transformers import GenerationConfig
+
+    eos = AutoTokenizer.from_pretrained(str(src)).convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(str(tmp_path / "hf")).eos_token_id == eos  # stops where gptkit does
     msgs = [{"role": "user", "content": "hi"}]
     assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).apply_chat_template(
         msgs, add_generation_prompt=True, tokenize=False) == \
