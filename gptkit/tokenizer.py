@@ -488,12 +488,10 @@ def load_hf_tokenizer(path: str | Path, recognise: bool = True):
 
 
 def load_vocab(vocab: str | Path):
-    """`--vocab FILE_OR_DIR`: a tokenizer.json (file, or a directory with one and no other BPE
-    files) is read with `tokenizers`; GPT-2's own files give the GPT-2 BPE."""
+    """`--vocab FILE_OR_DIR`: a tokenizer.json (or a directory holding one) is read with
+    `tokenizers`, GPT-2's own coming back as the GPT-2 BPE; GPT-2's other files give the GPT-2 BPE."""
     p = Path(vocab)
-    if p.name == "tokenizer.json" or (p.is_dir() and (p / "tokenizer.json").is_file()
-                                      and not (p / "encoder.json").is_file() and not (p / "vocab.json").is_file()
-                                      and not list(p.glob("*.tiktoken"))):
+    if p.name == "tokenizer.json" or (p.is_dir() and (p / "tokenizer.json").is_file()):
         return load_hf_tokenizer(p)
     return load_bpe_vocab(p)
 

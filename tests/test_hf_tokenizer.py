@@ -231,3 +231,20 @@ def test_indented_block_tags_render_as_transformers(tokenizer_dirs, refs):
     for gen in (True, False):
         assert t.render(CONVERSATION, add_generation_prompt=gen) == \
             ref.apply_chat_template(CONVERSATION, chat_template=H.ZEPHYR_LIKE, add_generation_prompt=gen, tokenize=False)
+
+
+def test_a_dir_with_vocab_json_merges_and_tokenizer_json_reads_the_tokenizer_json(tokenizer_dirs, refs, tmp_path):
+    """SmolLM2/Qwen-style directories hold all three; the tokenizer.json is the one that knows the specials."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from gptkit.tokenizer import load_vocab
+
+    d = tmp_path / "three"
+    shutil.copytree(tokenizer_dirs["bytelevel"], d)
+    Tokenizer.from_file(str(d / "tokenizer.json")).model.save(str(d))  # vocab.json + merges.txt
+    assert (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
+    tok = load_vocab(d)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.encode("a<|im_end|>b") == refs["bytelevel"].encode("a<|im_end|>b", add_special_tokens=False)
