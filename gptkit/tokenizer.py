@@ -71,8 +71,11 @@ class CharTokenizer:
             raise GptkitError(f"character {e.args[0]!r} is not in the model's vocabulary", "prompt",
                               f"use only these characters: {''.join(self.chars)!r}") from None
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return "".join(self.chars[i] for i in ids if 0 <= i < len(self.chars))
+
+    def token_to_id(self, text: str) -> int | None:
+        return self.stoi.get(text)
 
 
 class BPETokenizer:
@@ -100,8 +103,15 @@ class BPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(texts)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode(list(ids))
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [i for i in ids if not (skip_special_tokens and i == self.eot)]
+        return self.enc.decode(ids)
+
+    def token_to_id(self, text: str) -> int | None:
+        if text == EOT_TEXT:
+            return self.eot
+        ids = self.enc.encode_ordinary(text)
+        return ids[0] if len(ids) == 1 else None
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.enc.decode_bytes(list(ids))

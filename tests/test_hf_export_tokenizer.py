@@ -48,7 +48,7 @@ def gptkit_greedy(path, prompt: str, n: int) -> str:
             if nxt in tok.stop_ids:
                 break
             ids.append(nxt)
-    return tok.decode(ids, skip_special_tokens=True) if hasattr(tok, "special") else tok.decode(ids)
+    return tok.decode(ids, skip_special_tokens=True)
 
 
 def check_export(run, out, prompt, texts):

@@ -4,6 +4,7 @@ built here with `tokenizers` and saved with transformers (see hf_tokenizers.py).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,13 @@ def test_gpt2_has_no_chat_template_unless_a_file_gives_one(tmp_path):
     assert require_chat_template(tok).render([{"role": "user", "content": "abc"}]) == \
         "<|im_start|>user\nabc<|im_end|>\n<|im_start|>assistant\n"
     assert chat_stops(tok) == ([], ["<|im_end|>"])  # not a token of the vocab: a stop string
+    if os.path.isfile(os.path.join(os.environ.get("GPTKIT_DATA", "/nonexistent"), "gpt2.tiktoken")):
+        from gptkit.tokenizer import gpt2_tokenizer
+
+        gpt2 = gpt2_tokenizer()
+        gpt2.chat_template = load_chat_template(f, gpt2)
+        assert chat_stops(gpt2) == ([50256], ["<|im_end|>"])
+        assert gpt2.decode(gpt2.encode("a") + [50256], skip_special_tokens=True) == "a"
 
 
 def test_unknown_role_and_raising_template_are_error_lines(tokenizer_dirs):
