@@ -50,7 +50,8 @@ def _save(tk, d: Path, **kw) -> Path:
     return d
 
 
-def build_llama2(d: Path, vocab_size: int = 600) -> Path:
+def build_llama2(d: Path, vocab_size: int = 600, metaspace: bool = False) -> Path:
+    """metaspace: the newer spelling (a Metaspace pre-tokeniser instead of Prepend + Replace)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     # learn merges on ▁-prefixed words, then lay the vocab out as Llama 2's is: <unk> <s> </s>,
@@ -65,9 +66,14 @@ def build_llama2(d: Path, vocab_size: int = 600) -> Path:
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
               for m in __import__("json").loads(t0.to_str())["model"]["merges"]]
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    if metaspace:
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tk.decoder = decoders.Sequence([decoders.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                           split=False), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                       special_tokens=[("<s>", 1)])

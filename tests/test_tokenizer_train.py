@@ -90,20 +90,21 @@ def test_training_streams_the_text_in_bounded_pieces(tmp_path):
     assert sum(sizes) == 3_000_000 and len(sizes) > 2 and max(sizes) < 1_200_000
 
 
-@pytest.mark.parametrize("family", ["mine", "llama2"])
+@pytest.mark.parametrize("family", ["mine", "llama2", "llama2-metaspace"])
 def test_prepare_with_a_tokenizer_json_encodes_each_document_and_carries_it(family, trained, corpus, tmp_path):
     from gptkit.data import read_meta
     from gptkit.prepare import prepare
     from gptkit.tokenizer import tokenizer_from_data
 
-    vocab = trained / "tokenizer.json" if family == "mine" else H.build_llama2(tmp_path / "l2") / "tokenizer.json"
+    vocab = trained / "tokenizer.json" if family == "mine" else \
+        H.build_llama2(tmp_path / "l2", metaspace=family.endswith("metaspace")) / "tokenizer.json"
     tok = load_tokenizer(vocab)
     out = prepare(str(corpus / "dir"), vocab=str(vocab), out=tmp_path / "data", progress=False)
     meta = read_meta(out)
     assert meta["tokenizer"] == "hf" and meta["vocab_size"] == tok.vocab_size
     assert (out / "tokenizer.json").read_text() == vocab.read_text()
     ids = np.concatenate([np.fromfile(out / f"{s}.bin", dtype=np.uint16, offset=1024) for s in ("train", "val")])
-    start = tok.bos if family == "llama2" else tok.eot
+    start = tok.eot if family == "mine" else tok.bos
     docs = [(corpus / "dir" / f"p{k}.txt").read_bytes().decode("utf-8") for k in range(3)]
     want = [t for d in docs for t in [start] + tok.encode_ordinary(d)]
     assert ids.tolist() == want  # piece by piece equals the whole document at once
