@@ -548,6 +548,24 @@ def tokenizer_for(loaded, vocab: str | Path | None = None, chat_template: str | 
     return tok
 
 
+def token_byte_lengths(tok, n: int | None = None) -> list[int]:
+    """UTF-8 bytes each id stands for (id i -> entry i, for ids < n, default the tokenizer's size):
+    the byte count of a token stream is the sum over its ids, for bits per byte across tokenizers.
+    Special tokens count 0 bytes (they are not text of the corpus)."""
+    n = tok.vocab_size if n is None else n
+    if isinstance(tok, CharTokenizer):
+        return [len(c.encode("utf-8")) for c in tok.chars] + [0] * max(n - len(tok.chars), 0)
+    special = set(getattr(tok, "_added", ())) | {EOT_TEXT}
+    out = []
+    for i in range(n):
+        try:
+            b = tok.token_bytes(i)
+        except Exception:  # ids past the vocabulary (a padded embedding)
+            b = b""
+        out.append(0 if b.decode("utf-8", "replace") in special else len(b))
+    return out
+
+
 def check_vocab_fits(tok, model_vocab_size: int, where: str) -> None:
     if tok.vocab_size > model_vocab_size:
         raise GptkitError(f"the tokenizer has {tok.vocab_size:,} tokens, more than the model's embedding of "

@@ -258,3 +258,17 @@ def test_a_dir_with_vocab_json_merges_and_tokenizer_json_reads_the_tokenizer_jso
     tok = load_vocab(d)
     assert isinstance(tok, HFTokenizer)
     assert tok.encode("a<|im_end|>b") == refs["bytelevel"].encode("a<|im_end|>b", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_token_byte_lengths_sum_to_the_texts_bytes(family, tokenizer_dirs):
+    from gptkit.tokenizer import token_byte_lengths
+
+    tok = load_tokenizer(tokenizer_dirs[family])
+    lengths = token_byte_lengths(tok)
+    for text in H.TEXTS:
+        ids = tok.encode(text, add_special_tokens=True)  # bos counts 0
+        extra = 1 if tok.prepends_space and text and not (family.endswith("metaspace") and text[0] == " ") else 0
+        assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")) + extra, text
+    chars = CharTokenizer("aé日")
+    assert token_byte_lengths(chars, 5) == [1, 2, 3, 0, 0]
