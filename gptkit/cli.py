@@ -13,7 +13,7 @@ from pathlib import Path
 
 # modules, not their functions: a runner looks its library function up when it runs (tests patch them)
 from gptkit import (__version__, bench, config, convert, data, evaluate, inference, plot, prepare, serve, tasks,
-                    train, validate)
+                    tokenizer_train, train, validate)
 from gptkit.errors import GptkitError
 
 
@@ -292,9 +292,7 @@ def _tokenizer(p):
         if getattr(a, "action", None) != "train":
             raise GptkitError("missing action", "tokenizer", "use `gptkit tokenizer train TEXT... --vocab-size N "
                                                              "--out DIR`")
-        from gptkit.tokenizer_train import train_tokenizer
-
-        r = train_tokenizer(a.sources, a.vocab_size, a.out, a.min_frequency)
+        r = tokenizer_train.train_tokenizer(a.sources, a.vocab_size, a.out, a.min_frequency)
         print(f"wrote {r.out}: {', '.join(f.name for f in r.files)} (vocab {r.vocab_size:,})")
         if r.vocab_size < a.vocab_size:
             print(f"note: the text allows only {r.vocab_size:,} tokens (no pair left to merge "

@@ -11,6 +11,7 @@ SRC is anything gptkit.loading recognises. The targets:
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from gptkit.errors import GptkitError, make_dir
 from gptkit.formats import llmc
 from gptkit.formats.hf import save_hf
 from gptkit.loading import load_model
-from gptkit.tokenizer import gpt2_tokenizer
+from gptkit.tokenizer import gpt2_tokenizer, save_tokenizer, tokenizer_for
 
 TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -51,8 +52,6 @@ def hf_tokenizer_files(loaded, dst: Path, vocab: str | Path | None, notes: list[
     """The model's tokenizer as Hugging Face files in dst (tokenizer.save_tokenizer): GPT-2's
     vocab.json + merges.txt + tokenizer.json + tokenizer_config.json, a char model's
     tokenizer.json mapping each character, or the model's own tokenizer.json (+ chat template)."""
-    from gptkit.tokenizer import save_tokenizer, tokenizer_for
-
     try:
         tok = tokenizer_for(loaded, vocab)
     except GptkitError as e:  # no tokenizer gptkit can read: copy the source's files as they are
@@ -68,8 +67,6 @@ def hf_tokenizer_files(loaded, dst: Path, vocab: str | Path | None, notes: list[
     files = save_tokenizer(tok, dst, max_length=loaded.model.config.block_size)
     gen = dst / "generation_config.json"
     if tok.stop_ids and not gen.exists():  # transformers' generate() then stops where gptkit's does
-        import json
-
         ids = tok.stop_ids
         cfg = {"eos_token_id": ids[0] if len(ids) == 1 else ids}
         if tok.bos is not None:
@@ -82,8 +79,6 @@ def hf_tokenizer_files(loaded, dst: Path, vocab: str | Path | None, notes: list[
 def _carry_hf_tokenizer(loaded, dst: Path, vocab) -> list[Path]:
     """A gptkit run converted from a model with a tokenizer.json of its own carries it (GPT-2 BPE
     and char models need none: 50257 ids mean GPT-2's, and the checkpoint holds the chars)."""
-    from gptkit.tokenizer import save_tokenizer, tokenizer_for
-
     try:
         tok = tokenizer_for(loaded, vocab)
     except GptkitError:

@@ -29,11 +29,13 @@ from typing import Iterable
 
 import tiktoken
 
+from gptkit.chat_template import load_chat_template, template_from_dir
 from gptkit.config import GPT2_EOT, GPT2_VOCAB_SIZE
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, make_dir
+from gptkit.hf_tokenizer import (EOT_TEXT, HFTokenizer, bytes_to_unicode, char_hf_files, generation_eos,  # noqa: F401
+                                 gpt2_hf_files, hf_document_ids, read_json, read_tokenizer_config, write_text)
 from gptkit.paths import data_file
 
-EOT_TEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex (tiktoken's r50k/gpt2 pattern)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -120,19 +122,6 @@ class BPETokenizer:
         return self.enc.decode_single_token_bytes(i)
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (OpenAI's encoder.py): the printable
-    Latin-1 bytes stand for themselves, the other 68 bytes map to chr(256), chr(257), ... in order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-            *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    out, n = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
-
-
 def _encoding_from_ranks(ranks: dict[bytes, int], source: str):
     if len(ranks) != GPT2_EOT or sorted(ranks.values()) != list(range(GPT2_EOT)):
         raise GptkitError(f"vocabulary has {len(ranks)} tokens, GPT-2's has ranks 0..{GPT2_EOT - 1} plus {EOT_TEXT}",
@@ -182,15 +171,8 @@ def _read_merges(path: Path) -> list[str]:
     return [ln.rstrip("\r") for ln in lines if ln.rstrip("\r") and not ln.startswith("#version")]
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptkitError(f"not valid JSON: {e}", path, "the file is damaged; fetch it again") from None
-
-
 def _ranks_from_pair(enc: Path, bpe: Path) -> dict[bytes, int]:
-    encoder = _read_json(enc)
+    encoder = read_json(enc)
     if not isinstance(encoder, dict):
         raise GptkitError("expected a JSON object of token -> id", enc, "give GPT-2's encoder.json")
     return ranks_from_encoder_merges(encoder, _read_merges(bpe), f"{enc} + {bpe.name}")
@@ -198,7 +180,7 @@ def _ranks_from_pair(enc: Path, bpe: Path) -> dict[bytes, int]:
 
 def _ranks_from_tokenizer_json(path: Path) -> dict[bytes, int]:
     """HF tokenizer.json: model.vocab + model.merges in GPT-2's byte-to-unicode alphabet."""
-    model = _read_json(path).get("model", {})
+    model = read_json(path).get("model", {})
     vocab, merges = model.get("vocab"), model.get("merges")
     if model.get("type", "BPE") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
         raise GptkitError("tokenizer.json has no BPE model.vocab/model.merges", path,
@@ -276,187 +258,7 @@ def gpt2_tokenizer(vocab: str | Path | None = None, model_dir: str | Path | None
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face tokenizer.json, through the `tokenizers` library (no BPE written here)
-
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def _token_text(v) -> str | None:
-    """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
-    if isinstance(v, dict):
-        v = v.get("content")
-    return v if isinstance(v, str) else None
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer.json (+ tokenizer_config.json) through the `tokenizers` library.
-
-    encode(text) equals transformers' `AutoTokenizer.encode(text, add_special_tokens=False)`:
-    special-token text in `text` (e.g. a rendered chat template's `<|im_start|>`) becomes the
-    special token. encode(text, add_special_tokens=True) adds bos/eos as AutoTokenizer does
-    (tokenizer_config's add_bos_token/add_eos_token when given, else tokenizer.json's own
-    post-processor). encode_ordinary(text) treats special-token text as plain text (prepare).
-    decode(ids) equals AutoTokenizer.decode(ids)."""
-
-    kind = "hf"
-
-    def __init__(self, tokenizer_json: str, config: dict | None = None, source: str = "",
-                 chat_template=None, generation_eos: Iterable[int] = ()):
-        from tokenizers import Tokenizer
-
-        self.json_text = tokenizer_json
-        self.config = dict(config or {})
-        self.source = source
-        try:
-            self.tk = Tokenizer.from_str(tokenizer_json)
-        except Exception as e:  # tokenizers raises its own exception type for bad files
-            raise GptkitError(f"cannot read tokenizer.json: {e}", source or "tokenizer.json",
-                              "give a tokenizer.json that transformers/tokenizers can load") from None
-        self.spec = json.loads(tokenizer_json)
-        self.special = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(self.config.get(k))) is not None}
-        if "add_bos_token" in self.config or "add_eos_token" in self.config:
-            self._set_post_processor(bool(self.config.get("add_bos_token")), bool(self.config.get("add_eos_token")))
-        self.tk.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
-        self._plain = None  # a copy that reads special-token text as text, made on first use
-        self.bos = self._id(self.special.get("bos_token"))
-        self.eos = self._id(self.special.get("eos_token"))
-        # the document separator / end of text: GPT-2-style <|endoftext|> if the vocab has one, else eos
-        self.eot = self._id(EOT_TEXT) if self._id(EOT_TEXT) is not None else self.eos
-        self.generation_eos = [int(i) for i in generation_eos]
-        self.chat_template = chat_template
-        self._bytes: dict[int, bytes] = {}
-        self._added = {t.content for t in self.tk.get_added_tokens_decoder().values()}
-        self._kinds = self._decoder_kinds()
-        self._n = max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
-
-    def _id(self, text: str | None) -> int | None:
-        return None if text is None else self.tk.token_to_id(text)
-
-    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        """transformers' rule: an explicit add_bos_token/add_eos_token rebuilds the post-processor."""
-        from tokenizers import processors
-
-        bos, eos = self.special.get("bos_token"), self.special.get("eos_token")
-        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-        specials = [(t, self.tk.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        self.tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-
-    @property
-    def vocab_size(self) -> int:
-        """One more than the largest id (ids of added tokens included)."""
-        return self._n
-
-    @property
-    def stop_ids(self) -> list[int]:
-        """Ids that end a generation: eos, generation_config's eos_token_id, and the chat template's
-        end-of-turn tokens (e.g. <|im_end|>, <|eot_id|>)."""
-        ids = [i for i in (self.eos, *self.generation_eos) if i is not None]
-        if self.chat_template is not None:
-            ids += [i for t in self.chat_template.end_of_turn_tokens() if (i := self._id(t)) is not None]
-        return list(dict.fromkeys(ids))
-
-    def token_to_id(self, text: str) -> int | None:
-        return self._id(text)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        if self._plain is None:
-            from tokenizers import Tokenizer
-
-            plain = Tokenizer.from_str(self.tk.to_str())
-            plain.encode_special_tokens = True
-            self._plain = plain
-        return self._plain.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        text = self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        if self.config.get("clean_up_tokenization_spaces") and self.spec.get("model", {}).get("type") != "BPE":
-            # transformers' clean-up (it skips BPE models, whose spaces it would corrupt)
-            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-                text = text.replace(a, b)
-        return text
-
-    def _decoder_kinds(self) -> set[str]:
-        def walk(d):
-            if not isinstance(d, dict):
-                return
-            yield d.get("type")
-            for sub in d.get("decoders") or ():
-                yield from walk(sub)
-        return set(walk(self.spec.get("decoder")))
-
-    def token_bytes(self, i: int) -> bytes:
-        """The bytes token i stands for inside a text, so that concatenating them streams the
-        continuation (byte-level BPE: GPT-2's byte alphabet; SentencePiece-style: `▁` is a space
-        and <0xNN> is byte NN). Special and added tokens stand for their own text."""
-        b = self._bytes.get(i)
-        if b is not None:
-            return b
-        tok = self.tk.id_to_token(i)
-        kinds = self._kinds
-        if tok is None:
-            b = b""
-        elif tok in self._added:
-            b = tok.encode("utf-8")
-        elif "ByteLevel" in kinds:
-            dec = _unicode_to_bytes()
-            b = bytes(dec[c] for c in tok) if all(c in dec for c in tok) else tok.encode("utf-8")
-        elif "ByteFallback" in kinds or "Metaspace" in kinds or "Replace" in kinds:
-            if "ByteFallback" in kinds and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-                b = bytes([int(tok[3:5], 16)])
-            else:
-                b = tok.replace("\u2581", " ").encode("utf-8")
-        else:
-            b = self.decode([i]).encode("utf-8")
-        self._bytes[i] = b
-        return b
-
-    @property
-    def prepends_space(self) -> bool:
-        """Whether the tokenizer adds a `▁` before the text (SentencePiece style): then a text cut in
-        pieces at " word" encodes equally when each piece drops that one space."""
-        norm, pre = json.dumps(self.spec.get("normalizer")), self.spec.get("pre_tokenizer") or {}
-        if '"Prepend"' in norm:
-            return True
-        subs = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
-        return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in subs)
-
-
-_U2B: dict[str, int] | None = None
-
-
-def _unicode_to_bytes() -> dict[str, int]:
-    global _U2B
-    if _U2B is None:
-        _U2B = {c: b for b, c in bytes_to_unicode().items()}
-    return _U2B
-
-
-def _read_tokenizer_config(d: Path) -> dict:
-    f = d / "tokenizer_config.json"
-    if not f.is_file():
-        return {}
-    cfg = _read_json(f)
-    if not isinstance(cfg, dict):
-        raise GptkitError("expected a JSON object", f, "the file is damaged")
-    return cfg
-
-
-def _generation_eos(d: Path) -> list[int]:
-    f = d / "generation_config.json"
-    if not f.is_file():
-        return []
-    v = _read_json(f).get("eos_token_id") if isinstance(_read_json(f), dict) else None
-    return [v] if isinstance(v, int) else [i for i in v if isinstance(i, int)] if isinstance(v, list) else []
-
+# Hugging Face tokenizer.json (the class lives in hf_tokenizer.py)
 
 def _recognise(hf: HFTokenizer):
     """The char and GPT-2 tokenizers gptkit itself exports come back as their own classes, so they
@@ -480,19 +282,17 @@ def load_hf_tokenizer(path: str | Path, recognise: bool = True):
     """A tokenizer from a tokenizer.json file or a directory holding one, with the directory's
     tokenizer_config.json (special tokens, add_bos_token), chat template (chat_template.jinja,
     else tokenizer_config.json's chat_template) and generation_config.json's eos ids."""
-    from gptkit.chat_template import template_from_dir
-
     path = Path(path)
     f = path / "tokenizer.json" if path.is_dir() else path
     if not f.is_file():
         raise GptkitError("no tokenizer.json", path, "give a tokenizer.json or a directory holding one")
     d = f.parent
-    cfg = _read_tokenizer_config(d)
+    cfg = read_tokenizer_config(d)
     try:
         text = f.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise GptkitError(f"cannot read tokenizer.json: {e}", f, "the file is damaged") from None
-    tok = HFTokenizer(text, cfg, str(f), generation_eos=_generation_eos(d))
+    tok = HFTokenizer(text, cfg, str(f), generation_eos=generation_eos(d))
     tok.chat_template = template_from_dir(d, tok)
     return _recognise(tok) if recognise else tok
 
@@ -542,8 +342,6 @@ def tokenizer_for(loaded, vocab: str | Path | None = None, chat_template: str | 
                               "give --vocab TOKENIZER.json, or put the model's tokenizer.json beside it")
     check_vocab_fits(tok, vs, where)
     if chat_template:
-        from gptkit.chat_template import load_chat_template
-
         tok.chat_template = load_chat_template(chat_template, tok)
     return tok
 
@@ -588,42 +386,14 @@ def load_tokenizer(path: str | Path, vocab: str | Path | None = None):
             return load_hf_tokenizer(p)
         if has_bpe_files(p) or list(p.glob("*.tiktoken")):
             return load_bpe_vocab(p)
-    from gptkit.loading import load_model
+    from gptkit.loading import load_model  # the documented lazy edge, as GPT.from_pretrained's
 
     return tokenizer_for(load_model(path), vocab)
 
 
-def hf_document_ids(tok: HFTokenizer, pieces):
-    """The token ids of one document given as text pieces cut where the pre-tokeniser splits
-    anyway (prepare.bpe_pieces), special-token text read as plain text. The document starts with
-    bos where the tokenizer adds one (Llama), else with <|endoftext|> / eos (GPT-2 style).
-    SentencePiece-style tokenizers (a `▁` prepended to the text) are cut only before " word",
-    and the piece drops that space, for which the prepended `▁` stands."""
-    adds_bos = tok.bos is not None and tok.encode("a", add_special_tokens=True)[:1] == [tok.bos]
-    start = tok.bos if adds_bos else tok.eot
-    if start is None:
-        raise GptkitError("the tokenizer has no <|endoftext|>, eos or bos token to start documents with",
-                          tok.source or "--vocab", "train one with `gptkit tokenizer train` (it has <|endoftext|>)")
-    first, buf, sentencepiece = True, "", tok.prepends_space
-    for piece in pieces:
-        if first:
-            yield [start]
-            first = False
-        if not sentencepiece:
-            yield tok.encode_ordinary(piece)
-        elif buf and piece.startswith(" "):
-            yield tok.encode_ordinary(buf)
-            buf = piece[1:]
-        else:
-            buf += piece
-    if buf:
-        yield tok.encode_ordinary(buf)
-
-
 def tokenizer_from_data(data_dir: str | Path):
     """The tokenizer a prepared data directory was made with, when meta.json says it is a
-    tokenizer.json (`prepare --vocab tokenizer.json` copies it there), else None. Train calls
-    this and save_tokenizer(tok, run_dir), so the run carries its tokenizer."""
+    tokenizer.json (`prepare --vocab tokenizer.json` copies it there), else None."""
     d = Path(data_dir)
     try:
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
@@ -634,75 +404,17 @@ def tokenizer_from_data(data_dir: str | Path):
     return None
 
 
+def carry_tokenizer(data_dir: str | Path, run_dir: str | Path, max_length: int | None = None):
+    """Train's hook: when the data was prepared with a tokenizer.json, save it into the run
+    directory (tokenizer_for finds it there for every checkpoint). Returns it, or None."""
+    tok = tokenizer_from_data(data_dir)
+    if tok is not None:
+        save_tokenizer(tok, run_dir, max_length)
+    return tok
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing tokenizers as Hugging Face files (convert --to hf, runs that carry their tokenizer)
-
-def gpt2_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The merge list behind BPE ranks, in rank order: for each multi-byte token, the two parts
-    that byte-pair encoding with only the lower-ranked merges leaves it in."""
-    out = []
-    for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(tok) < 2:
-            continue
-        parts = [tok[i:i + 1] for i in range(len(tok))]
-        while len(parts) > 2:
-            scores = [ranks.get(parts[j] + parts[j + 1], r) for j in range(len(parts) - 1)]
-            j = min(range(len(scores)), key=scores.__getitem__)
-            if scores[j] >= r:
-                break
-            parts[j:j + 2] = [parts[j] + parts[j + 1]]
-        if len(parts) != 2:
-            raise GptkitError(f"token {tok!r} (rank {r}) is not the merge of two lower-ranked tokens", "vocabulary",
-                              "the vocabulary is not a BPE")
-        out.append((parts[0], parts[1]))
-    return out
-
-
-def _gpt2_hf_files(tok: BPETokenizer, max_length: int | None) -> tuple[str, dict, dict, list[str]]:
-    """GPT-2's tokenizer.json, tokenizer_config.json, vocab.json and merges.txt lines, built with
-    `tokenizers` from the tiktoken ranks (as transformers' GPT2TokenizerFast would hold them)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    b2u = bytes_to_unicode()
-
-    def u(b: bytes) -> str:
-        return "".join(b2u[x] for x in b)
-
-    ranks = {tok.token_bytes(i): i for i in range(GPT2_EOT)}
-    vocab = {u(b): i for b, i in ranks.items()}
-    merges = [(u(a), u(b)) for a, b in gpt2_merges(ranks)]
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    tk.add_special_tokens([AddedToken(EOT_TEXT, special=True, normalized=False)])
-    cfg = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
-           "add_prefix_space": False, "add_bos_token": False, "clean_up_tokenization_spaces": False}
-    if max_length:
-        cfg["model_max_length"] = max_length
-    return tk.to_str(), cfg, {**vocab, EOT_TEXT: GPT2_EOT}, ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-
-
-def _char_hf_files(tok: CharTokenizer, max_length: int | None) -> tuple[str, dict]:
-    """A tokenizer.json mapping each character to its id: a BPE with no merges splits the text
-    into characters, and the Fuse decoder joins them back without spaces."""
-    from tokenizers import Tokenizer, decoders, models
-
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tok.chars)}, merges=[]))
-    tk.decoder = decoders.Fuse()
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    if max_length:
-        cfg["model_max_length"] = max_length
-    return tk.to_str(), cfg
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Write atomically (temporary name, then rename), with the umask's permissions."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
 
 def save_tokenizer(tok, directory: str | Path, max_length: int | None = None) -> list[Path]:
     """Write `tok` as Hugging Face tokenizer files into `directory` (created if needed), so that
@@ -711,16 +423,14 @@ def save_tokenizer(tok, directory: str | Path, max_length: int | None = None) ->
     - char: tokenizer.json mapping each character + tokenizer_config.json;
     - HF tokenizer.json: its own tokenizer.json + tokenizer_config.json (+ chat_template.jinja).
     Returns the files written. `max_length`: the model's context, for model_max_length."""
-    from gptkit.errors import make_dir
-
     d = make_dir(directory, "tokenizer directory")
     files = []
     if isinstance(tok, BPETokenizer):
-        tj, cfg, vocab, merges = _gpt2_hf_files(tok, max_length)
-        files.append(_write_text(d / "vocab.json", json.dumps(vocab, ensure_ascii=False)))
-        files.append(_write_text(d / "merges.txt", "\n".join(merges) + "\n"))
+        tj, cfg, vocab, merges = gpt2_hf_files({tok.token_bytes(i): i for i in range(GPT2_EOT)}, max_length)
+        files.append(write_text(d / "vocab.json", json.dumps(vocab, ensure_ascii=False)))
+        files.append(write_text(d / "merges.txt", "\n".join(merges) + "\n"))
     elif isinstance(tok, CharTokenizer):
-        tj, cfg = _char_hf_files(tok, max_length)
+        tj, cfg = char_hf_files(tok.chars, max_length)
     elif isinstance(tok, HFTokenizer):
         tj, cfg = tok.json_text, dict(tok.config)
         if max_length and "model_max_length" not in cfg:
@@ -730,9 +440,9 @@ def save_tokenizer(tok, directory: str | Path, max_length: int | None = None) ->
     ct = getattr(tok, "chat_template", None)
     if ct is not None:
         cfg.pop("chat_template", None)  # transformers 5 keeps it in chat_template.jinja
-        files.append(_write_text(d / "chat_template.jinja", ct.source))
+        files.append(write_text(d / "chat_template.jinja", ct.source))
     else:
         (d / "chat_template.jinja").unlink(missing_ok=True)
-    files.append(_write_text(d / "tokenizer.json", tj))
-    files.append(_write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"))
+    files.append(write_text(d / "tokenizer.json", tj))
+    files.append(write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"))
     return files

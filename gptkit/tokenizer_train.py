@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from gptkit.errors import GptkitError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+
+from gptkit.errors import GptkitError, make_dir
+from gptkit.prepare import bpe_pieces, iter_text, text_documents
+from gptkit.tokenizer import HFTokenizer, gpt2_tokenizer, save_tokenizer
 
 SPECIALS = ("<|endoftext|>",)
 N_BYTES = 256
@@ -40,8 +45,6 @@ class TrainResult:
 
 def text_files(sources: list[str | Path]) -> list[Path]:
     """Each source: a text file, or a folder whose .txt files are taken (sorted)."""
-    from gptkit.prepare import text_documents
-
     if not sources:
         raise GptkitError("no text given", "TEXT_OR_DIR", "give text files or folders of .txt files")
     files = []
@@ -53,16 +56,12 @@ def text_files(sources: list[str | Path]) -> list[Path]:
 def iter_corpus(files: list[Path], progress=None) -> Iterator[str]:
     """The corpus as text pieces of bounded size, file after file, cut where GPT-2's pre-tokeniser
     splits anyway (prepare.bpe_pieces), so no word is cut in two."""
-    from gptkit.prepare import bpe_pieces, iter_text
-
     for f in files:
         yield from bpe_pieces(iter_text(f, progress=progress))
 
 
 def build_trainer_tokenizer():
     """An empty byte-level BPE laid out as GPT-2's (pre-tokeniser, decoder, post-processor)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
     tk.decoder = decoders.ByteLevel()
@@ -75,13 +74,6 @@ def train_tokenizer(sources: list[str | Path], vocab_size: int, out: str | Path,
     """Train a byte-level BPE of `vocab_size` tokens (specials included) on the text of `sources`
     and write it into `out`. Then measure bytes per token on the same corpus, for it and (when
     its vocabulary is at hand) GPT-2's BPE."""
-    from tokenizers import trainers
-    from tokenizers.pre_tokenizers import ByteLevel
-    from tqdm.auto import tqdm
-
-    from gptkit.errors import make_dir
-    from gptkit.tokenizer import HFTokenizer, save_tokenizer
-
     least = N_BYTES + len(SPECIALS)
     if vocab_size < least:
         raise GptkitError(f"vocab size {vocab_size} is below the {N_BYTES} bytes + {len(SPECIALS)} special token",
@@ -99,7 +91,7 @@ def train_tokenizer(sources: list[str | Path], vocab_size: int, out: str | Path,
 
     tk = build_trainer_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIALS),
-                                  initial_alphabet=ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     with tqdm(total=total, unit="B", unit_scale=True, desc="training", leave=False, disable=not progress,
               delay=1.0) as bar:
         tk.train_from_iterator(iter_corpus(files, bar), trainer=trainer)
@@ -111,8 +103,6 @@ def train_tokenizer(sources: list[str | Path], vocab_size: int, out: str | Path,
 
     gpt2 = None
     if compare_gpt2:
-        from gptkit.tokenizer import gpt2_tokenizer
-
         try:
             gpt2 = gpt2_tokenizer()
         except GptkitError:

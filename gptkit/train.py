@@ -40,7 +40,7 @@ from gptkit.runtime import (DTYPES, autocast, bf16_weights, measure_peak_flops, 
                             teardown_distributed)
 from gptkit.inference import sample_text
 from gptkit.tasks import TrainTasks
-from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer, save_tokenizer, tokenizer_from_data
+from gptkit.tokenizer import CharTokenizer, carry_tokenizer, gpt2_tokenizer, tokenizer_from_data
 
 PROCESS_START = process_start_time()  # wall time is counted from the process start (before imports)
 
@@ -167,12 +167,10 @@ class Trainer:
             train_model = parallel.wrap_ddp(train_model, self.device)
         self.train_model = train_model
 
-        data_tok = tokenizer_from_data(self.data_dir)  # data prepared with a tokenizer.json: the run carries it
         if dist.is_main:
             make_dir(self.run_dir, "--out")
             write_toml(self.run_dir / "config.toml", cfg.to_dict(), mcfg.to_dict())
-            if data_tok is not None:
-                save_tokenizer(data_tok, self.run_dir, mcfg.block_size)
+            carry_tokenizer(self.data_dir, self.run_dir, mcfg.block_size)  # a tokenizer.json the data was made with
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         self.flops_per_step = model.flops_per_token(cfg.block_size) * self.tokens_per_step
         self.peak = measure_peak_flops(self.device, self.dtype, n=1024) if dist.is_main else 1.0
@@ -181,7 +179,7 @@ class Trainer:
                  f"{self.tokens_per_step:,} tokens/step; {self.attention} attention; "
                  f"{'bf16 weights + fp32 master' if self.shadow else 'fp32 weights'}; {self.threads} threads; "
                  f"run dir {self.run_dir}")
-        self.tokenizer = data_tok or run_tokenizer(self.chars, mcfg, self.log)
+        self.tokenizer = tokenizer_from_data(self.data_dir) or run_tokenizer(self.chars, mcfg, self.log)
         self.tasks = TrainTasks.for_run(cfg, self.tokenizer, mcfg.block_size)  # read now: a bad file stops the run
         # metrics.jsonl (+ TensorBoard / W&B); on resume, records past the checkpoint are dropped
         self.metrics = RunLogger(self.run_dir, cfg, resume_step=self.step if self.resume_ckpt is not None else None) \

@@ -24,12 +24,15 @@ ALLOWED_LAZY = (
     "triton", "gptkit.attention.triton",  # the triton attention backend (the module imports triton at its top)
     "wandb", "tensorboard", "torch.utils.tensorboard",  # metrics loggers
     "transformers",  # bench --compare hf
+    "jinja2",  # chat templates (gptkit.chat_template): only chat and /v1/chat/completions render them
     # FSDP and distributed state dicts: importing them costs ~3 s of start-up (DTensor, sympy),
     # which every run would pay inside its time budget; only fsdp=true runs load them
     "torch.distributed.fsdp", "torch.distributed.checkpoint",
 )
 # (module, function qualname, imported module): the documented lazy edge
-ALLOWED_LAZY_EDGES = {("gptkit.model", "GPT.from_pretrained", "gptkit.loading")}
+ALLOWED_LAZY_EDGES = {("gptkit.model", "GPT.from_pretrained", "gptkit.loading"),
+                      # gptkit.load_tokenizer(path) takes anything --model does, as GPT.from_pretrained
+                      ("gptkit.tokenizer", "load_tokenizer", "gptkit.loading")}
 
 
 def _module_name(path: Path) -> str:
