@@ -30,11 +30,22 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_tur
                "<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
+def _jinja2():
+    """jinja2, an optional dependency: only chat templates need it."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:
+        raise GptkitError("chat templates need the jinja2 package", "chat template",
+                          "pip install 'gptkit[chat]' (jinja2>=3.1.6)") from None
+    return jinja2
+
+
 def _environment():
     """A Jinja environment like transformers': sandboxed, trim/lstrip blocks, loop controls."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    jinja2 = _jinja2()
+    ImmutableSandboxedEnvironment = jinja2.sandbox.ImmutableSandboxedEnvironment
 
     class GenerationBlock(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text (for loss masks); here it
@@ -125,8 +136,7 @@ class ChatTemplate:
     """A Jinja chat template plus the special-token variables it renders with."""
 
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None, where: str = "chat template"):
-        import jinja2
-
+        jinja2 = _jinja2()
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         self.where = where
@@ -139,8 +149,7 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text, as transformers' apply_chat_template(messages, add_generation_prompt,
         tokenize=False) renders it. An unknown role or a template that raises is a GptkitError."""
-        import jinja2
-
+        jinja2 = _jinja2()
         messages = validate_messages(messages)
         variables = {**self.special_tokens, **_plain(kwargs)}
         try:
