@@ -39,10 +39,12 @@ def load_for_inference(model_path: str, vocab: str | None = None, device: str = 
 
 
 def default_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt's tokens; an empty prompt starts from <|endoftext|> (BPE) or a newline (chars)."""
-    ids = tokenizer.encode(prompt) if prompt else []
+    """The prompt's tokens, with the bos a tokenizer adds (Llama's <s>, as transformers encodes);
+    an empty prompt starts from bos, else <|endoftext|> (BPE), else a newline (chars)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
     if not ids:
-        ids = [tokenizer.eot] if tokenizer.eot is not None else tokenizer.encode("\n")
+        start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eot
+        ids = [start] if start is not None else tokenizer.encode("\n")
     return ids
 
 
@@ -93,6 +95,7 @@ def run_sample(model_path: str, prompt: str = "", max_new_tokens: int = 200, tem
         raise GptkitError(f"--num-samples {num_samples} is more than --num-beams {num_beams}", "--num-samples",
                           "beam search returns at most num_beams sequences")
     model, tok = load_for_inference(model_path, vocab, device, dtype)
+    sp = SamplingParams(**{**sp.__dict__, "stop_token_ids": tuple(tok.stop_ids)})  # eos, end-of-turn tokens
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = prepare_prompt(default_prompt_ids(tok, prompt), model.config.block_size, truncate, "--prompt")
@@ -111,7 +114,7 @@ def run_sample(model_path: str, prompt: str = "", max_new_tokens: int = 200, tem
 def _print_beams(model, tok, prompt: str, ids: list[int], max_new_tokens: int, stops: tuple[str, ...],
                  num_beams: int, length_penalty: float, num_samples: int, write: Callable[[str], object]) -> list[str]:
     """Beam search's num_samples best beams as text, cut at the first stop string, each printed."""
-    eos = [tok.eot] if tok.eot is not None else []
+    eos = list(tok.stop_ids)
     beams = beam_search(model, ids, num_beams, min(max_new_tokens, model.config.block_size - len(ids)),
                         length_penalty, early_stopping=True, eos_token_ids=eos, num_return_sequences=num_samples)
     texts = []

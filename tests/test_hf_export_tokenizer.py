@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_tokenizers as H
+from gptkit.tokenizer import CharTokenizer
 from gptkit.config import GPTConfig
 
 pytest.importorskip("transformers")
@@ -141,3 +142,19 @@ def test_tokenizer_larger_than_the_embedding_is_one_error_line_in_the_cli(tmp_pa
     assert main(["sample", "--model", str(run), "--vocab", str(src / "tokenizer.json"), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "502 tokens, more than the model's embedding of 400" in err
+
+
+def test_sampling_starts_from_bos_and_stops_at_the_tokenizers_stop_ids(tmp_path):
+    """A Llama-2-style tokenizer: the prompt gets <s> as transformers encodes it; </s> ends generation."""
+    from gptkit.inference import default_prompt_ids
+    from gptkit.tokenizer import load_tokenizer
+
+    l2 = load_tokenizer(H.build_llama2(tmp_path / "l2"))
+    assert default_prompt_ids(l2, "Hello") == l2.encode("Hello", add_special_tokens=True) == [1] + l2.encode("Hello")
+    assert default_prompt_ids(l2, "") == [1]
+    assert l2.stop_ids == [2]
+    bl = load_tokenizer(H.build_bytelevel(tmp_path / "bl"))
+    assert default_prompt_ids(bl, "Hello") == bl.encode("Hello")
+    assert default_prompt_ids(bl, "") == [bl.eot]
+    chars = CharTokenizer("ab\n")
+    assert default_prompt_ids(chars, "") == [2] and chars.stop_ids == []

@@ -371,9 +371,9 @@ class _SafeTokenizer:
     def __getattr__(self, name):
         return getattr(self._tok, name)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         try:
-            return self._tok.encode(text)
+            return self._tok.encode(text, add_special_tokens=add_special_tokens)
         except GptkitError as e:
             raise APIError(400, f"{e.what}; {e.hint}", "prompt", "invalid_value") from None
 
