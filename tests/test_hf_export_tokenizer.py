@@ -158,3 +158,29 @@ def test_sampling_starts_from_bos_and_stops_at_the_tokenizers_stop_ids(tmp_path)
     assert default_prompt_ids(bl, "") == [bl.eot]
     chars = CharTokenizer("ab\n")
     assert default_prompt_ids(chars, "") == [2] and chars.stop_ids == []
+
+
+def test_llama_dir_with_its_tokenizer_samples_as_transformers_generates(tmp_path, capsys):
+    """A Llama-family HF directory with a Llama-3-style tokenizer.json: `gptkit sample` (bos added,
+    greedy) prints what transformers' generate + decode gives, and the HF export keeps the tokenizer."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from gptkit.cli import main
+
+    d = H.build_llama3(tmp_path / "llama", chat_template=H.LLAMA3_TEMPLATE)
+    ref_tok = AutoTokenizer.from_pretrained(str(d))
+    cfg = transformers.LlamaConfig(vocab_size=len(ref_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   initializer_range=0.3, bos_token_id=ref_tok.bos_token_id,
+                                   eos_token_id=ref_tok.eos_token_id)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(str(d))
+    prompt = "Hello wörld, def f(x):"
+    ids = ref_tok(prompt, return_tensors="pt").input_ids
+    assert ids[0, 0].item() == ref_tok.bos_token_id
+    out = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = ref_tok.decode(out[0, ids.shape[1]:])
+    assert main(["sample", "--model", str(d), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == prompt + want
