@@ -338,12 +338,12 @@ class _CountingTokenizer:
     def __getattr__(self, name):
         return getattr(self.tok, name)
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=False):  # the tokenizer interface (gptkit.tokenizer)
         self.calls += 1
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(60)
-        return self.tok.encode(text)
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
 
 def test_6_limits_are_checked_before_tokenizing(tiny):
