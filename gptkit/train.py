@@ -170,7 +170,6 @@ class Trainer:
         if dist.is_main:
             make_dir(self.run_dir, "--out")
             write_toml(self.run_dir / "config.toml", cfg.to_dict(), mcfg.to_dict())
-            carry_tokenizer(self.data_dir, self.run_dir, mcfg.block_size)  # a tokenizer.json the data was made with
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         self.flops_per_step = model.flops_per_token(cfg.block_size) * self.tokens_per_step
         self.peak = measure_peak_flops(self.device, self.dtype, n=1024) if dist.is_main else 1.0
@@ -179,7 +178,7 @@ class Trainer:
                  f"{self.tokens_per_step:,} tokens/step; {self.attention} attention; "
                  f"{'bf16 weights + fp32 master' if self.shadow else 'fp32 weights'}; {self.threads} threads; "
                  f"run dir {self.run_dir}")
-        self.tokenizer = tokenizer_from_data(self.data_dir) or run_tokenizer(self.chars, mcfg, self.log)
+        self.tokenizer = run_tokenizer(self.chars, mcfg, self.log, self.data_dir, dist.is_main and self.run_dir)
         self.tasks = TrainTasks.for_run(cfg, self.tokenizer, mcfg.block_size)  # read now: a bad file stops the run
         # metrics.jsonl (+ TensorBoard / W&B); on resume, records past the checkpoint are dropped
         self.metrics = RunLogger(self.run_dir, cfg, resume_step=self.step if self.resume_ckpt is not None else None) \
@@ -482,8 +481,14 @@ def compile_model(model: torch.nn.Module, log) -> torch.nn.Module:
         return model
 
 
-def run_tokenizer(chars: list[str] | None, mcfg: GPTConfig, log):
-    """The tokenizer for samples during training (None: no samples)."""
+def run_tokenizer(chars: list[str] | None, mcfg: GPTConfig, log, data_dir: Path | None = None,
+                  run_dir: Path | None = None):
+    """The tokenizer for samples during training (None: no samples). Data prepared with a
+    tokenizer.json: that one, which the run then carries (saved into run_dir, by the main rank)."""
+    if data_dir is not None:
+        tok = carry_tokenizer(data_dir, run_dir, mcfg.block_size) if run_dir else tokenizer_from_data(data_dir)
+        if tok is not None:
+            return tok
     if chars:
         return CharTokenizer(chars)
     if mcfg.vocab_size == 50257:
