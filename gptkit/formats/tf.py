@@ -163,32 +163,42 @@ def read_bundle(prefix: str | Path) -> dict[str, np.ndarray]:
         raise GptkitError(f"damaged checkpoint index entry: {e}", index, "download the release again") from None
     out, shards = {}, {}
     for name, e in entries.items():
-        if e.get(7):
-            raise GptkitError(f"variable {name} is partitioned into slices", index,
-                              "gptkit reads whole (unpartitioned) variables, as OpenAI's release has")
-        dtype = e.get(1, [0])[0]
-        if dtype == TF_BFLOAT16 or dtype not in TF_DTYPES:
-            raise GptkitError(f"variable {name} has TensorFlow dtype {dtype}, which gptkit does not read", index,
-                              "OpenAI's checkpoints are float32")
-        shape = tuple(_fields(d).get(1, [0])[0] for d in _fields(e[2][0]).get(2, [])) if 2 in e else ()
-        shard, offset, size = e.get(3, [0])[0], e.get(4, [0])[0], e.get(5, [0])[0]
-        dt = np.dtype(TF_DTYPES[dtype]).newbyteorder(">" if big_endian else "<")
-        if size != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-            raise GptkitError(f"variable {name}: {size} bytes do not hold shape {list(shape)}", index,
-                              "the file is damaged; download the release again")
-        data = shards.get(shard)
-        if data is None:
-            data = Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
-            if not data.is_file():
-                raise GptkitError("missing checkpoint data shard", data,
-                                  "a TF checkpoint needs its .data-* files beside the .index")
-            shards[shard] = data
-        if offset + size > data.stat().st_size:
-            raise GptkitError(f"truncated checkpoint data: variable {name} ends past the file", data,
-                              "the download is incomplete; fetch it again")
-        arr = np.fromfile(data, dtype=dt, count=size // dt.itemsize, offset=offset)
-        out[name] = arr.astype(dt.newbyteorder("=")).reshape(shape)
+        try:
+            out[name] = _read_entry(prefix, index, name, e, num_shards, big_endian, shards)
+        except (ValueError, TypeError, OverflowError, struct.error) as err:  # a field of the wrong wire type
+            raise GptkitError(f"damaged checkpoint index entry {name}: {err}", index,
+                              "download the release again") from None
     return out
+
+
+def _read_entry(prefix: Path, index: Path, name: str, e: dict, num_shards, big_endian: bool,
+                shards: dict) -> np.ndarray:
+    """One variable of the bundle from its BundleEntryProto fields `e`."""
+    if e.get(7):
+        raise GptkitError(f"variable {name} is partitioned into slices", index,
+                          "gptkit reads whole (unpartitioned) variables, as OpenAI's release has")
+    dtype = e.get(1, [0])[0]
+    if dtype == TF_BFLOAT16 or dtype not in TF_DTYPES:
+        raise GptkitError(f"variable {name} has TensorFlow dtype {dtype}, which gptkit does not read", index,
+                          "OpenAI's checkpoints are float32")
+    shape = tuple(_fields(d).get(1, [0])[0] for d in _fields(e[2][0]).get(2, [])) if 2 in e else ()
+    shard, offset, size = e.get(3, [0])[0], e.get(4, [0])[0], e.get(5, [0])[0]
+    dt = np.dtype(TF_DTYPES[dtype]).newbyteorder(">" if big_endian else "<")
+    if size != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+        raise GptkitError(f"variable {name}: {size} bytes do not hold shape {list(shape)}", index,
+                          "the file is damaged; download the release again")
+    data = shards.get(shard)
+    if data is None:
+        data = Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
+        if not data.is_file():
+            raise GptkitError("missing checkpoint data shard", data,
+                              "a TF checkpoint needs its .data-* files beside the .index")
+        shards[shard] = data
+    if offset + size > data.stat().st_size:
+        raise GptkitError(f"truncated checkpoint data: variable {name} ends past the file", data,
+                          "the download is incomplete; fetch it again")
+    arr = np.fromfile(data, dtype=dt, count=size // dt.itemsize, offset=offset)
+    return arr.astype(dt.newbyteorder("=")).reshape(shape)
 
 
 def _hparams(path: Path) -> GPTConfig:
