@@ -264,7 +264,11 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != "gptkit-checkpoint":
         raise GptkitError("not a gptkit checkpoint state", ckpt / STATE_FILE,
                           "give a directory written by `gptkit train` or `gptkit convert --to gptkit`")
-    if state.get("format_version", 0) > FORMAT_VERSION:
+    version = state.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise GptkitError(f"checkpoint format version {version!r} is not a number", ckpt / STATE_FILE,
+                          "the checkpoint is damaged; use an older ckpt_* directory")
+    if version > FORMAT_VERSION:
         raise GptkitError(f"checkpoint format version {state['format_version']} is newer than this gptkit "
                           f"reads ({FORMAT_VERSION})", ckpt / STATE_FILE, "upgrade gptkit")
     return state
@@ -286,10 +290,14 @@ def read_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dic
     and its state.json; weights holding NaN or inf are refused."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)
-    if "model_config" not in state:
-        raise GptkitError("checkpoint state has no model_config", ckpt / STATE_FILE,
+    if not isinstance(state.get("model_config"), dict):
+        raise GptkitError("checkpoint state has no model_config object", ckpt / STATE_FILE,
                           "the checkpoint is damaged; use an older ckpt_* directory")
-    config = GPTConfig.from_dict(state["model_config"])
+    try:
+        config = GPTConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as e:  # keys or values of the wrong type
+        raise GptkitError(f"bad model_config: {e}", ckpt / STATE_FILE,
+                          "the checkpoint is damaged; use an older ckpt_* directory") from None
     sd = read_tensors(ckpt / MODEL_FILE)
     if config.tie_embeddings:
         sd["lm_head.weight"] = sd.get("transformer.wte.weight")
