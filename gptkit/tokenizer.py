@@ -147,8 +147,8 @@ def ranks_from_encoder_merges(encoder: dict[str, int], merges: list, source: str
 
     ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
     for m in merges:
-        pair = m.split(" ") if isinstance(m, str) else list(m)
-        if len(pair) != 2:
+        pair = m.split(" ") if isinstance(m, str) else m  # "a b", or ["a", "b"] in newer tokenizer.json
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
             raise GptkitError(f"bad merge line {m!r}", source, "expected two tokens separated by one space")
         tok = to_bytes(pair[0]) + to_bytes(pair[1])
         if tok in ranks:
@@ -180,9 +180,11 @@ def _ranks_from_pair(enc: Path, bpe: Path) -> dict[bytes, int]:
 
 def _ranks_from_tokenizer_json(path: Path) -> dict[bytes, int]:
     """HF tokenizer.json: model.vocab + model.merges in GPT-2's byte-to-unicode alphabet."""
-    model = read_json(path).get("model", {})
-    vocab, merges = model.get("vocab"), model.get("merges")
-    if model.get("type", "BPE") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+    doc = read_json(path)
+    model = doc.get("model") if isinstance(doc, dict) else None
+    vocab, merges = (model.get("vocab"), model.get("merges")) if isinstance(model, dict) else (None, None)
+    if (not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not isinstance(vocab, dict)
+            or not isinstance(merges, list)):
         raise GptkitError("tokenizer.json has no BPE model.vocab/model.merges", path,
                           "expected a GPT-2 (byte-level BPE) tokenizer.json")
     return ranks_from_encoder_merges(vocab, merges, str(path))
