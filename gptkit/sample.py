@@ -29,13 +29,14 @@ def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of tokens whose probability sums to >= p
-    (always at least the most likely token)."""
+    (always at least the most likely token). A token whose more likely tokens already sum to p
+    exactly is removed, as transformers' TopPLogitsWarper removes it."""
     if p is None or p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits.float(), dim=-1)
     cum = probs.cumsum(dim=-1)
-    remove = cum - probs > p  # tokens whose preceding mass already reaches p
+    remove = cum - probs >= p  # tokens whose preceding mass already reaches p
     remove[..., 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
@@ -92,7 +93,8 @@ def candidate_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     vals = vals.masked_fill(col[None, :] >= top_k[:, None], float("-inf"))
     probs = torch.softmax(vals, dim=-1)
     cum = probs.cumsum(dim=-1)
-    remove = (cum - probs) > top_p.float()[:, None]  # the preceding mass already reaches p
+    # the preceding mass already reaches p (top_p 1 removes nothing, even where rounding sums to 1)
+    remove = ((cum - probs) >= top_p.float()[:, None]) & (top_p < 1.0)[:, None]
     remove[:, 0] = False
     return probs.masked_fill(remove, 0.0), ids
 
