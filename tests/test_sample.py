@@ -50,6 +50,44 @@ def test_fused_sampler_distribution_equals_reference_filters():
         torch.testing.assert_close(got[i], torch.softmax(ref, -1)[0], atol=1e-6, rtol=1e-5)
 
 
+def _transformers_kept(logits, temperature, k, p):
+    """The tokens transformers' warpers keep (temperature, top-k, top-p, in generate()'s order)."""
+    transformers = pytest.importorskip("transformers")
+    x = transformers.TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if k:
+        x = transformers.TopKLogitsWarper(k)(None, x)
+    if p < 1.0:
+        x = transformers.TopPLogitsWarper(p)(None, x)
+    return x > float("-inf"), torch.softmax(x, -1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_filters_and_fused_sampler_keep_what_transformers_warpers_keep(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 300, generator=g) * 3
+    for k, p, t in [(0, 0.9, 1.0), (50, 1.0, 0.7), (5, 0.5, 1.3), (120, 0.95, 2.0), (0, 0.3, 0.5), (20, 0.8, 1.0)]:
+        kept, ref = _transformers_kept(logits, t, k, p)
+        ours = top_p_filter(top_k_filter(logits / t, k or None), p)
+        assert torch.equal(ours > float("-inf"), kept)
+        n = logits.size(0)
+        probs, ids = candidate_probs(logits, torch.full((n,), t), torch.full((n,), k or 300), torch.full((n,), p))
+        got = torch.zeros_like(logits).scatter_(1, ids, probs / probs.sum(-1, keepdim=True))
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_top_p_boundary_follows_transformers():
+    """probs [0.5, 0.25, 0.125, 0.125], p = 0.5: the first token alone reaches p, so only it is kept
+    (transformers' TopPLogitsWarper keeps {0}; a token whose preceding mass already equals p is removed)."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    kept, _ = _transformers_kept(logits, 1.0, 0, 0.5)
+    assert kept.tolist() == [[True, False, False, False]]
+    assert (top_p_filter(logits, 0.5) > float("-inf")).tolist() == kept.tolist()
+    probs, _ = candidate_probs(logits, torch.ones(1), torch.tensor([4]), torch.tensor([0.5]))
+    assert (probs > 0).tolist() == kept.tolist()
+    # just above the boundary the second token joins
+    assert (top_p_filter(logits, 0.5001) > float("-inf")).sum() == 2
+
+
 def test_fused_sampler_draws_by_inverse_cdf():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     one = torch.ones(1)
