@@ -67,3 +67,67 @@ def char_data(tmp_path, request):
     src = tmp_path / "text.txt"
     src.write_text(request.module.TEXT)
     return prepare(str(src), tokenizer="char", out=tmp_path / "data")
+
+
+# ----------------------------------------------------------------------------------------------
+# No silent skips: with --allowed-skips FILE (CI passes tests/allowed_skips.txt), a test that skips
+# without a matching line in FILE fails the session, so a missing extra or data file can't hide tests.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--allowed-skips", metavar="FILE", default=None,
+                     help="fail the session if a test skips unless FILE lists it (node id or fnmatch "
+                          "pattern, then '#' and the reason)")
+
+
+def _allowed_skip_patterns(path: Path) -> list[str]:
+    pats = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern, _, reason = line.partition("#")
+        if not reason.strip():
+            raise pytest.UsageError(f"{path}:{n}: every allowed skip needs a reason after '#'")
+        pats.append(pattern.strip())
+    return pats
+
+
+_skipped: dict[str, str] = {}
+
+
+def _note_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped[report.nodeid] = reason
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_collectreport(report):
+    _note_skip(report)  # a module-level importorskip skips the whole file at collection
+
+
+def pytest_sessionfinish(session, exitstatus):
+    opt = session.config.getoption("--allowed-skips")
+    if not opt or not _skipped:
+        return
+    import fnmatch
+
+    patterns = _allowed_skip_patterns(Path(opt))
+    _unlisted.update({n: r for n, r in _skipped.items() if not any(fnmatch.fnmatchcase(n, p) for p in patterns)})
+    if _unlisted:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_unlisted: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _unlisted:
+        terminalreporter.write_sep("=", f"{len(_unlisted)} skipped test(s) not listed in "
+                                        f"{config.getoption('--allowed-skips')}", red=True)
+        for n, r in sorted(_unlisted.items()):
+            terminalreporter.write_line(f"{n}: {r}")
