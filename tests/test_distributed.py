@@ -91,15 +91,25 @@ def test_torchrun_resume_continues_the_same_curve(char_data, tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "split"), _losses(tmp_path / "straight"), rtol=1e-5, atol=1e-6)
 
 
-def test_activation_checkpointing_changes_no_math(char_data, tmp_path):
+def test_activation_checkpointing_changes_no_math(char_data, tmp_path, monkeypatch):
     from gptkit.config import resolve_config
+    from gptkit.model import MLP
     from gptkit.train import train
 
+    calls = []
+    mlp_forward = MLP.forward
+    monkeypatch.setattr(MLP, "forward", lambda self, x: (calls.append(torch.is_grad_enabled()), mlp_forward(self, x))[1])
+
     def run(name, **kw):
-        ov = {"data": str(char_data), "out": str(tmp_path / name), "max_steps": "3",
-              **dict(a.split("=") for a in COMMON), **kw}
+        calls.clear()
+        ov = {"data": str(char_data), "out": str(tmp_path / name), "max_steps": "3", "eval_interval": "0",
+              "final_eval": "false", "sample_tokens": "0", **dict(a.split("=") for a in COMMON), **kw}
         cfg, mov = resolve_config(None, ov)
         train(cfg, mov, log=lambda *a, **k: None)
-        return _losses(tmp_path / name)
+        return _losses(tmp_path / name), len(calls)
 
-    assert run("plain", dropout="0.1") == run("ckpt", dropout="0.1", activation_checkpointing="true")
+    plain, plain_calls = run("plain", dropout="0.1")
+    ckpt, ckpt_calls = run("ckpt", dropout="0.1", activation_checkpointing="true")
+    assert plain == ckpt
+    # each block's forward ran again during backward: the recompute happened
+    assert plain_calls > 0 and ckpt_calls == 2 * plain_calls

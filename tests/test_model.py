@@ -100,3 +100,45 @@ def test_invalid_model_config_fails_naming_the_field(field, value):
     with pytest.raises(GptkitError) as e:
         GPTConfig(**kw)
     assert field in str(e.value)
+
+
+def test_init_scales_residual_projections_as_transformers_does():
+    """N(0, 0.02) weights, N(0, 0.02/sqrt(2L)) for the residual projections (attn.c_proj, mlp.c_proj):
+    the standard deviations of gptkit's init equal those of transformers' GPT2 init."""
+    transformers = pytest.importorskip("transformers")
+    L, C = 6, 128
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=L, n_head=4, n_embd=C, n_positions=64,
+                                                               vocab_size=512, initializer_range=0.02))
+    m = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=C, block_size=64, vocab_size=512))
+    hf_params = dict(hf.named_parameters())
+    checked = 0
+    for name, p in m.named_parameters():
+        if not name.endswith(".weight") or "ln_" in name:
+            continue
+        ours = p[:512].std().item() if name == "transformer.wte.weight" else p.std().item()
+        ref = hf_params[name].std().item()
+        assert ours == pytest.approx(ref, rel=0.05), name
+        checked += 1
+    assert checked == 2 + 4 * L
+    proj = m.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert proj == pytest.approx(0.02 / (2 * L) ** 0.5, rel=0.05)
+
+
+def test_embedding_dropout_drops_the_sum_of_token_and_position_embeddings():
+    """In training mode the first block sees dropout(wte + wpe), zeros at rate p, survivors scaled 1/(1-p)."""
+    p = 0.5
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=64, vocab_size=50, dropout=p))
+    seen = []
+    m.transformer.h[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    idx = torch.randint(0, 50, (4, 64))
+    clean = m.transformer.wte(idx) + m.transformer.wpe(torch.arange(64))
+    m.train()
+    m(idx)
+    x = seen[-1]
+    zero = x == 0
+    assert abs(zero.float().mean().item() - p) < 0.03
+    torch.testing.assert_close(x[~zero], clean[~zero] / (1 - p))
+    m.eval()
+    m(idx)
+    torch.testing.assert_close(seen[-1], clean)

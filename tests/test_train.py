@@ -56,8 +56,10 @@ def test_keep_last_prunes_old_checkpoints(char_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt_*")) == ["ckpt_00000005", "ckpt_00000006"]
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(char_data, tmp_path):
-    common = dict(max_steps=8, decay_steps=8, log_interval=1, eval_interval=0, final_eval=False, sample_tokens=1)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # with dropout the RNG state must be restored too
+def test_resume_reproduces_an_uninterrupted_run_exactly(char_data, tmp_path, dropout):
+    common = dict(max_steps=8, decay_steps=8, log_interval=1, eval_interval=0, final_eval=False, sample_tokens=1,
+                  dropout=dropout)
     cfg, mov = _cfg(char_data, tmp_path / "straight", **common)
     train(cfg, mov, log=_silent)
     cfg, mov = _cfg(char_data, tmp_path / "split", **{**common, "max_steps": 4})
@@ -142,3 +144,44 @@ def test_sample_tokens_zero_turns_the_samples_off(char_data, tmp_path):
     assert res.sample is None
     assert not any("--- sample" in x for x in lines), lines
     assert res.step == 6
+
+
+def test_grad_clip_equals_clip_grad_norm_and_torch_adamw(char_data, tmp_path):
+    """Three steps with grad_clip=1e-3 end at the weights that clip_grad_norm_ + torch.optim.AdamW
+    reach from the same initial weights and batches; without clipping the weights differ."""
+    import torch
+
+    from gptkit.checkpoint import find_checkpoint, load_checkpoint_model
+    from gptkit.data import TokenLoader
+    from gptkit.model import GPT
+    from gptkit.optim import param_groups
+
+    common = dict(max_steps=3, warmup_steps=1, decay_steps=3, eval_interval=0, final_eval=False, sample_tokens=0,
+                  dropout=0.0, grad_accum=1, eps=1e-6, ckpt_interval=3)
+
+    def weights(name, **kw):
+        cfg, mov = _cfg(char_data, tmp_path / name, **{**common, **kw})
+        train(cfg, mov, log=_silent)
+        return cfg, load_checkpoint_model(find_checkpoint(tmp_path / name)).model
+
+    cfg, clipped = weights("clipped", grad_clip=1e-3)
+    _, unclipped = weights("unclipped", grad_clip=0.0)
+
+    torch.manual_seed(cfg.seed)  # the trainer's initial weights: GPT-2 init right after seeding
+    model = GPT(clipped.config).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.eps)
+    loader = TokenLoader(char_data, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed)
+    for step in range(3):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
+        x, y = loader.next_batch()
+        _, loss = model(x, y)
+        loss.backward()
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3) > 1e-3  # the clip is active
+        opt.step()
+        opt.zero_grad()
+    ref = dict(model.named_parameters())
+    gap = max((p - ref[n]).abs().max().item() for n, p in unclipped.named_parameters())
+    err = max((p - ref[n]).abs().max().item() for n, p in clipped.named_parameters())
+    assert err < 1e-6 < gap / 10, (err, gap)
