@@ -93,9 +93,15 @@ def test_bad_sampling_value(capsys, tmp_path):
     save_checkpoint(tmp_path / "run", 1, m, {"model_config": m.config.to_dict(), "chars": ["a", "b", "\n"]})
     rc, _, err = run_main(capsys, ["sample", "--model", str(tmp_path / "run"), "--temperature", "-1"])
     _assert_user_error(rc, err, "--temperature")
-    rc, out, err = run_main(capsys, ["sample", "--model", str(tmp_path / "run"), "--max-new-tokens", "5",
-                                     "--seed", "1"])
-    assert rc == 0 and len(out.strip()) >= 1
+    outs = []
+    for seed in ("1", "1", "2"):
+        rc, out, err = run_main(capsys, ["sample", "--model", str(tmp_path / "run"), "--max-new-tokens", "5",
+                                         "--seed", seed])
+        assert rc == 0, err
+        outs.append(out)
+    # exactly 5 new characters of the model's vocabulary and a newline; seeded
+    assert all(len(o) == 6 and o.endswith("\n") and set(o) <= {"a", "b", "\n"} for o in outs), outs
+    assert outs[0] == outs[1] != outs[2]
 
 
 def test_empty_text(capsys, tmp_path):

@@ -396,7 +396,8 @@ def test_bench_generate_json_lines_compare_transformers(tmp_path, capsys):
         for b in (1, 3)}
     for r in lines:
         assert r["prompt_tokens"] == 8 and r["new_tokens"] == 4 and r["tok_per_s"] > 0 and r["vs_transformers"] > 0
-    assert all(0 <= r["greedy_agree"] <= 64 for r in lines if r["dtype"] == "bfloat16")
+    assert all(r["greedy_tokens"] == 64 and isinstance(r["greedy_agree"], int) for r in lines
+               if r["dtype"] == "bfloat16")  # the count itself is checked in test_quality_check_counts_...
     assert main(["bench"]) == 2
 
 
@@ -419,3 +420,25 @@ def test_screened_lm_head_gives_the_exact_top_k_logits():
     assert [c.token_ids for c in generate_batch(fast, [[1, 2], [3]], sp)] == \
         [c.token_ids for c in generate_batch(m, [[1, 2], [3]], sp)]
     assert fast.lm_head.calls > 0 and fast.lm_head.top_k is None
+
+
+def test_quality_check_counts_the_leading_greedy_tokens_that_agree():
+    """bench generate's greedy_agree: the length of the common prefix of the two models' greedy
+    continuations, computed here by full recompute (no KV cache, no engine)."""
+    from gptkit.bench import _prompts, quality_check
+
+    a, b = tiny_model(vocab_size=64, block_size=80, std=0.3, seed=0), tiny_model(vocab_size=64, block_size=80, std=0.3)
+    with torch.no_grad():  # b: a copy of a with one weight nudged, so the continuations part somewhere
+        b.transformer.h[1].mlp.c_proj.weight.add_(0.02 * torch.randn_like(b.transformer.h[1].mlp.c_proj.weight))
+    assert quality_check(a, a, tokens=64)["greedy_agree"] == 64
+
+    def greedy(m):
+        seq = torch.tensor(_prompts(1, 8, 64, 0))
+        for _ in range(64):
+            seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+        return seq[0, 8:].tolist()
+
+    ga, gb = greedy(a), greedy(b)
+    expected = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), 64)
+    assert 0 < expected < 64  # the case is informative
+    assert quality_check(a, b, tokens=64)["greedy_agree"] == expected
