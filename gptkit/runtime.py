@@ -22,9 +22,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def pick_device(name: str = "auto") -> torch.device:
     """auto = cuda > mps > cpu."""
     if name == "auto":
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # pragma: no cover (GPU: CI runs on a CPU)
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():  # pragma: no cover (Apple GPU)
             return torch.device("mps")
         return torch.device("cpu")
     dev = torch.device(name)
@@ -51,7 +52,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         if dt == torch.float16 and device.type == "cpu":
             raise GptkitError("float16 training is not supported on the CPU", "dtype", "use bfloat16 or float32")
         return dt
-    if device.type == "cuda":
+    if device.type == "cuda":  # pragma: no cover (GPU: CI runs on a CPU)
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
@@ -129,15 +130,15 @@ def process_start_time() -> float:
 
 def setup_cuda_matmul() -> None:
     """TF32 for fp32 matmuls on CUDA (Ampere and later)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # pragma: no cover (GPU: CI runs on a CPU)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+    if device.type == "cuda":  # pragma: no cover (GPU: CI runs on a CPU)
         torch.cuda.synchronize(device)
-    elif device.type == "mps":
+    elif device.type == "mps":  # pragma: no cover (Apple GPU)
         torch.mps.synchronize()
 
 
@@ -188,7 +189,7 @@ def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
         return Dist(), pick_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
-    if device.type == "cuda":
+    if device.type == "cuda":  # pragma: no cover (GPU: CI runs on a CPU)
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
