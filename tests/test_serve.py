@@ -396,3 +396,23 @@ def test_load_50_clients_x_5_requests_all_answered_and_memory_flat(tiny):
     assert r["answered"] == 250 and r["errors"] == 0, r["error_kinds"]
     assert r["max_batch_seen"] > 1
     assert r["rss_after_bytes"] <= 1.10 * r["rss_before_bytes"]
+
+
+def test_loadtest_counts_every_answer_against_a_running_server(server, capsys):
+    """`python -m gptkit.loadtest --url`: a few clients, half streaming; every request is answered and
+    counted, and the report carries the figures."""
+    import numpy as np
+
+    from gptkit.loadtest import _percentile, main, run_load
+
+    r = run_load(server.url, clients=3, requests=2, max_tokens=2, api_key=KEY)
+    assert r["answered"] == 6 and r["errors"] == 0, r["error_kinds"]
+    assert main(["--url", server.url + "/", "--api-key", KEY, "--clients", "2", "--requests", "1",
+                 "--max-tokens", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answered"] == 2
+    assert main(["--url", server.url, "--api-key", KEY, "--clients", "1", "--requests", "1", "--max-tokens", "1",
+                 "--stream", "all"]) == 0
+    assert "1 clients x 1 requests, max_tokens 1, stream all\nanswered 1, errors 0\n" in capsys.readouterr().out
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0, 9.0, 7.0]
+    for q in (1, 50, 90, 99, 100):  # nearest-rank, as numpy's "inverted_cdf" method
+        assert _percentile(xs, q) == np.percentile(xs, q, method="inverted_cdf")
