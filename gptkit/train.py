@@ -434,7 +434,17 @@ def build_run_model(cfg: TrainConfig, model_overrides: dict[str, Any], attention
 def restore_training_state(ckpt: Path, model: GPT, optimizer, names: dict[int, str], loader: TokenLoader,
                            fsdp: bool, dist, device) -> int:
     """Load the optimizer, loader position and RNG streams of `ckpt` (its weights are already in the
-    model); return its step."""
+    model); return its step. A damaged state (a missing key, a value of the wrong type or size) is a
+    GptkitError naming the checkpoint."""
+    try:
+        return _restore_training_state(ckpt, model, optimizer, names, loader, fsdp, dist, device)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as e:
+        raise GptkitError(f"damaged training state: {type(e).__name__}: {' '.join(str(e).split())}", ckpt,
+                          "use an older ckpt_* directory, or start the run again without --resume") from None
+
+
+def _restore_training_state(ckpt: Path, model: GPT, optimizer, names: dict[int, str], loader: TokenLoader,
+                            fsdp: bool, dist, device) -> int:
     state = ckpt_lib.read_state(ckpt)
     if "optimizer" in state:
         opt_tensors = ckpt_lib.read_tensors(ckpt / ckpt_lib.OPTIM_FILE)
