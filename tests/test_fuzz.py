@@ -410,3 +410,51 @@ def test_completion_request_parser_accepts_or_answers_400(n):
             assert e.status == 400 and e.body()["error"]["message"]
 
     fuzz(n, body, check)
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume: a checkpoint's training state (optimizer tensors, state.json's loader, RNG and step)
+
+RESUME_TEXT = "".join(f"line {i}: to be or not to be.\n" for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tmp_path_factory):
+    from gptkit.checkpoint import find_checkpoint
+    from gptkit.config import resolve_config
+    from gptkit.prepare import prepare
+    from gptkit.train import train
+
+    d = tmp_path_factory.mktemp("resume")
+    (d / "text.txt").write_text(RESUME_TEXT)
+    data = prepare(str(d / "text.txt"), tokenizer="char", out=d / "data")
+    ov = dict(data=str(data), out=str(d / "run"), n_layer=1, n_head=1, n_embd=8, batch_size=2, block_size=8,
+              max_steps=1, warmup_steps=1, eval_interval=0, final_eval=False, sample_tokens=0, progress=False,
+              dtype="float32", dropout=0.1)
+    cfg, mov = resolve_config(None, {k: str(v) for k, v in ov.items()})
+    train(cfg, mov, log=lambda *a, **k: None)
+    return find_checkpoint(d / "run"), data, cfg
+
+
+@pytest.mark.parametrize("n", EXAMPLES)
+@pytest.mark.parametrize("name", ["state.json", "optimizer.safetensors"])
+def test_resume_state_loads_or_refuses(run_checkpoint, tmp_path, n, name):
+    from gptkit.checkpoint import load_checkpoint_model
+    from gptkit.data import TokenLoader
+    from gptkit.optim import make_adamw
+    from gptkit.runtime import Dist
+    from gptkit.train import restore_training_state
+
+    ckpt, data, cfg = run_checkpoint
+    valid = (ckpt / name).read_bytes()
+    strategy = mutated_json(json.loads(valid)) if name.endswith(".json") else damaged(valid, int32_header=True)
+
+    model = load_checkpoint_model(ckpt).model
+    opt, names = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+
+    def check(raw):
+        d = _damaged_checkpoint(ckpt, tmp_path, name, raw)
+        loader = TokenLoader(data, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed)
+        loads_or_refuses(lambda: restore_training_state(d, model, opt, names, loader, False, Dist(), "cpu"))
+
+    fuzz(n, strategy, check)
