@@ -142,3 +142,27 @@ def test_embedding_dropout_drops_the_sum_of_token_and_position_embeddings():
     m.eval()
     m(idx)
     torch.testing.assert_close(seen[-1], clean)
+
+
+def test_fresh_model_has_zero_padding_rows():
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=50))
+    assert m.config.padded_vocab_size == 128
+    assert torch.all(m.transformer.wte.weight[50:] == 0) and torch.all(m.transformer.wte.weight[:50] != 0)
+
+
+def test_kv_cache_forward_equals_the_full_forward():
+    """Prefill 5 tokens, then feed 3 one at a time through the cache: the logits of every position
+    equal one full forward over the 8 tokens, and the cache has advanced by 8."""
+    from gptkit.model import KVCache
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=40)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    idx = torch.randint(0, 40, (2, 8))
+    full = m(idx)
+    cache = KVCache(m.config, batch_size=2)
+    steps = [m(idx[:, :5], cache=cache)] + [m(idx[:, t:t + 1], cache=cache) for t in range(5, 8)]
+    assert cache.pos == 8
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
