@@ -258,7 +258,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         with open(ckpt / STATE_FILE) as f:
             state = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise GptkitError(f"unreadable checkpoint state: {e}", ckpt / STATE_FILE,
                           "the checkpoint is damaged; use an older ckpt_* directory") from None
     if not isinstance(state, dict) or state.get("format") != "gptkit-checkpoint":

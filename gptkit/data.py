@@ -113,7 +113,7 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
         return {}
     try:
         return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise GptkitError(f"unreadable meta.json: {e}", p, "re-run `gptkit prepare`") from None
 
 

@@ -38,7 +38,7 @@ def bytes_to_unicode() -> dict[int, str]:
 def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
         raise GptkitError(f"not valid JSON: {e}", path, "the file is damaged; fetch it again") from None
 
 

@@ -210,7 +210,7 @@ def _hparams(path: Path) -> GPTConfig:
     except OSError:
         raise GptkitError("missing hparams.json", f, "OpenAI's checkpoints come with hparams.json; "
                           "put it beside model.ckpt.index") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise GptkitError(f"bad hparams.json: {type(e).__name__} {e}", f,
                           "it needs n_vocab, n_ctx, n_embd, n_head and n_layer") from None
 
