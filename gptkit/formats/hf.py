@@ -384,10 +384,17 @@ def load_hf(path: Path):
     path = Path(path)
     try:
         hf_cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise GptkitError(f"unreadable config.json: {e}", path / "config.json",
                           "the file is damaged; write it again with save_pretrained") from None
-    config = config_from_hf(hf_cfg, str(path / "config.json"))
+    if not isinstance(hf_cfg, dict):
+        raise GptkitError("config.json is not a JSON object", path / "config.json",
+                          "the file is damaged; write it again with save_pretrained")
+    try:
+        config = config_from_hf(hf_cfg, str(path / "config.json"))
+    except (TypeError, ValueError) as e:  # a field of the wrong type, e.g. "n_layer": "12"
+        raise GptkitError(f"bad config.json: {e}", path / "config.json",
+                          "the file is damaged; write it again with save_pretrained") from None
     return config, state_dict_from_hf(read_hf_weights(path), config, str(path))
 
 
