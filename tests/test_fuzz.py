@@ -108,7 +108,13 @@ def mutated_json(valid: dict) -> st.SearchStrategy[bytes]:
 
     raw = json.dumps(valid).encode()
     return st.one_of(st.tuples(st.integers(0, 99), json_values()).map(replace), st.integers(0, 99).map(drop),
-                     json_values().map(lambda v: json.dumps(v).encode()), damaged(raw))
+                     json_values().map(lambda v: json.dumps(v).encode()), damaged(raw), deeply_nested())
+
+
+def deeply_nested() -> st.SearchStrategy[bytes]:
+    """JSON nested deeper than Python's recursion limit (json.loads raises RecursionError)."""
+    return st.tuples(st.sampled_from([b"[", b'{"a":', b'{"model": [']), st.integers(1, 100_000)).map(
+        lambda a: a[0] * a[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,5 +462,70 @@ def test_resume_state_loads_or_refuses(run_checkpoint, tmp_path, n, name):
         d = _damaged_checkpoint(ckpt, tmp_path, name, raw)
         loader = TokenLoader(data, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed)
         loads_or_refuses(lambda: restore_training_state(d, model, opt, names, loader, False, Dist(), "cpu"))
+
+    fuzz(n, strategy, check)
+
+
+@pytest.mark.parametrize("n", EXAMPLES)
+def test_request_body_bytes_are_a_request_or_a_400(n):
+    """The raw body as the app reads it: JSON decoding, then the completion parser; deeply nested
+    JSON included."""
+    from gptkit.tokenizer import CharTokenizer
+
+    try:
+        from gptkit.serve.protocol import decode_json
+    except ImportError:  # before the server split
+        pytest.fail("gptkit.serve.protocol.decode_json is where the app decodes request bodies")
+    parse, APIError, ServeConfig, SafeTokenizer = _parser()
+    tok = SafeTokenizer(CharTokenizer([chr(97 + i) for i in range(16)]))
+    valid = json.dumps({"model": "m", "prompt": "abc", "max_tokens": 4, "stop": ["b"], "n": 2}).encode()
+
+    def check(raw):
+        try:
+            with _alarm(HANG_S):
+                parse(decode_json(raw), tok, 8, "m", ServeConfig())
+        except APIError as e:
+            assert e.status == 400 and "\n" not in e.message
+
+    fuzz(n, st.one_of(damaged(valid), deeply_nested(), st.binary(max_size=256)), check)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face directories: config.json, model.safetensors, pytorch_model.bin (torch.load, weights only)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from gptkit.formats.hf import save_hf
+    from gptkit.model import GPT
+
+    torch.manual_seed(0)
+    m = GPT(config())
+    d = tmp_path_factory.mktemp("hf") / "hf"
+    save_hf(m, d)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    return d
+
+
+@pytest.mark.parametrize("n", EXAMPLES)
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "pytorch_model.bin"])
+def test_hf_directory_loads_or_refuses(hf_dir, tmp_path, n, name):
+    from gptkit.loading import load_model
+
+    valid = (hf_dir / name).read_bytes()
+    strategy = mutated_json(json.loads(valid)) if name.endswith(".json") else damaged(valid, int32_header=True)
+
+    def check(raw):
+        d = tmp_path / "hf"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        shutil.copyfile(hf_dir / "config.json", d / "config.json")
+        # the file under test, with the weights in the other format removed so that it is the one read
+        weights = "pytorch_model.bin" if name == "pytorch_model.bin" else "model.safetensors"
+        shutil.copyfile(hf_dir / weights, d / weights)
+        (d / name).write_bytes(raw)
+        loads_or_refuses(lambda: load_model(str(d)))
 
     fuzz(n, strategy, check)
