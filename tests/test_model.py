@@ -166,3 +166,16 @@ def test_kv_cache_forward_equals_the_full_forward():
     steps = [m(idx[:, :5], cache=cache)] + [m(idx[:, t:t + 1], cache=cache) for t in range(5, 8)]
     assert cache.pos == 8
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_ignores_targets_of_minus_one():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    x = torch.randint(0, 50, (2, 8))
+    y = torch.randint(0, 50, (2, 8))
+    y[0, :3] = -1
+    y[1, 5:] = -1
+    logits, loss = m(x, y)
+    keep = y != -1
+    ref = torch.nn.functional.cross_entropy(logits[keep], y[keep])  # only the kept positions
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
