@@ -56,7 +56,8 @@ def test_shard_refuses_ids_beyond_uint16(tmp_path):
     (lambda b: b[:-2], "size mismatch"),
     (lambda b: (1).to_bytes(4, "little") + b[4:], "bad magic"),
     (lambda b: b[:4] + (7).to_bytes(4, "little") + b[8:], "version"),
-], ids=["short-header", "truncated-tokens", "magic", "version"])
+    (lambda b: b + b"\0\0", "size mismatch"),
+], ids=["short-header", "truncated-tokens", "magic", "version", "oversized"])
 def test_damaged_shards_are_user_errors(tmp_path, damage, message):
     p = tmp_path / "train.bin"
     p.write_bytes(damage(llmc_bytes(range(100))))
