@@ -203,6 +203,16 @@ def test_debug_state_for_another_model_is_rejected(files, tmp_path):
         llmc.read_state(s, config.replace(n_layer=3))
 
 
+@pytest.mark.parametrize("bad", [-1, "V"])
+def test_debug_state_with_token_ids_outside_the_vocab_is_rejected(files, tmp_path, bad):
+    config, _, _, s = files
+    st = llmc.read_state(s, config)
+    st.x[0, 0] = config.vocab_size if bad == "V" else bad  # V itself is already outside [0, V)
+    llmc.write_state(tmp_path / "bad.bin", st, config)
+    with pytest.raises(GptkitError, match="outside"):
+        llmc.read_state(tmp_path / "bad.bin", config)
+
+
 def test_cli_reports_a_corrupt_model_bin_in_one_line(files):
     _, m, _, _ = files
     _corrupt(m, "truncated")

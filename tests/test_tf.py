@@ -105,3 +105,26 @@ def test_missing_hparams_and_variables_are_errors(copy):
     (copy / "hparams.json").unlink()
     with pytest.raises(GptkitError, match="missing hparams.json"):
         load_model(copy)
+
+
+def test_big_endian_bundle_reads_the_same_tensors(tmp_path, monkeypatch):
+    """A bundle whose header says big-endian (BundleHeaderProto field 2 = BIG) holds byte-swapped
+    data; it loads to the same weights."""
+    from gptkit.formats import tf
+
+    d = tmp_path / "be"
+    shutil.copytree(FIXTURE, d)
+    data = d / "model.ckpt.data-00000-of-00001"
+    np.fromfile(data, dtype="<f4").astype(">f4").tofile(data)  # every variable is float32
+    read_table = tf.read_table
+
+    def big_endian_table(path):
+        table = read_table(path)
+        table[b""] = table[b""] + bytes([0x10, 0x01])  # field 2 (endianness), varint 1 = BIG
+        return table
+
+    monkeypatch.setattr(tf, "read_table", big_endian_table)
+    _, big = tf.load_tf(d)
+    monkeypatch.setattr(tf, "read_table", read_table)
+    _, little = tf.load_tf(FIXTURE)
+    assert big.keys() == little.keys() and all(torch.equal(big[k], little[k]) for k in big)

@@ -200,3 +200,12 @@ def test_cli_bad_vocab_exits_2(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: vocabulary not found") and "\n" not in err
+
+
+def test_char_tokenizer_round_trips_every_character():
+    from gptkit.tokenizer import CharTokenizer
+
+    text = "To be, or not to be: that is the question.\n"
+    tok = CharTokenizer.from_text(text)
+    assert tok.vocab_size == len(set(text)) and tok.decode(tok.encode(text)) == text
+    assert tok.decode([tok.vocab_size - 1]) == sorted(set(text))[-1]
