@@ -425,7 +425,7 @@ def test_screened_lm_head_gives_the_exact_top_k_logits():
 def test_quality_check_counts_the_leading_greedy_tokens_that_agree():
     """bench generate's greedy_agree: the length of the common prefix of the two models' greedy
     continuations, computed here by full recompute (no KV cache, no engine)."""
-    from gptkit.bench import _prompts, quality_check
+    from gptkit.bench.generate import _prompts, quality_check
 
     a, b = tiny_model(vocab_size=64, block_size=80, std=0.3, seed=0), tiny_model(vocab_size=64, block_size=80, std=0.3)
     with torch.no_grad():  # b: a copy of a with one weight nudged, so the continuations part somewhere

@@ -399,11 +399,11 @@ def test_load_50_clients_x_5_requests_all_answered_and_memory_flat(tiny):
 
 
 def test_loadtest_counts_every_answer_against_a_running_server(server, capsys):
-    """`python -m gptkit.loadtest --url`: a few clients, half streaming; every request is answered and
+    """`python -m gptkit.bench.loadtest --url`: a few clients, half streaming; every request is answered and
     counted, and the report carries the figures."""
     import numpy as np
 
-    from gptkit.loadtest import _percentile, main, run_load
+    from gptkit.bench.loadtest import _percentile, main, run_load
 
     r = run_load(server.url, clients=3, requests=2, max_tokens=2, api_key=KEY)
     assert r["answered"] == 6 and r["errors"] == 0, r["error_kinds"]
