@@ -98,6 +98,19 @@ def test_fused_sampler_draws_by_inverse_cdf():
     assert int(sample_from_logits(logits, one, torch.tensor([1]), one, torch.tensor([0.99]))) == 0
 
 
+def test_inverse_cdf_takes_the_first_token_whose_cdf_exceeds_u():
+    """u lands exactly on a cdf step: the draw is the next token (u in [0, 1) covers [cdf_i-1, cdf_i)),
+    so a zero-probability token is never drawn, even with u = 0."""
+    from gptkit.sample import sample_unfiltered
+
+    one = torch.ones(1)
+    half = torch.log(torch.tensor([[0.5, 0.5]]))
+    assert int(sample_from_logits(half, one, torch.tensor([2]), one, torch.tensor([0.5]))) == 1
+    assert int(sample_unfiltered(half, one, torch.tensor([0.5]))) == 1
+    masked = torch.tensor([[float("-inf"), 0.0, 0.0]])
+    assert int(sample_unfiltered(masked, one, torch.tensor([0.0]))) == 1
+
+
 def test_unfiltered_sampler_draws_softmax_by_inverse_cdf():
     from gptkit.sample import sample_unfiltered
 

@@ -86,7 +86,7 @@ def check(mutants: list[dict], table: dict[str, list[str]], root: Path = ROOT) -
 
 def run_one(m: dict, table: dict[str, list[str]], work: Path, timeout: float, verbose: bool) -> dict:
     target = work / m["file"]
-    original = (ROOT / m["file"]).read_text()
+    original = target.read_text()  # the copy's own text: the working tree may have moved on
     target.write_text(apply(original, m["old"], m["new"], m["id"]))
     env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("COVERAGE_PROCESS_START", None)
