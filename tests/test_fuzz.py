@@ -276,7 +276,8 @@ def _damaged_checkpoint(src: Path, tmp_path: Path, name: str, data: bytes) -> Pa
 @pytest.mark.parametrize("n", EXAMPLES)
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors"])
 def test_checkpoint_tensors_load_or_refuse(checkpoint, tmp_path, n, name):
-    from gptkit.checkpoint import load_checkpoint_model, read_tensors
+    from gptkit.checkpoint import read_tensors
+    from gptkit.loading import load_checkpoint_model
 
     def check(data):
         d = _damaged_checkpoint(checkpoint, tmp_path, name, data)
@@ -289,7 +290,7 @@ def test_checkpoint_tensors_load_or_refuse(checkpoint, tmp_path, n, name):
 
 @pytest.mark.parametrize("n", EXAMPLES)
 def test_checkpoint_state_json_loads_or_refuses(checkpoint, tmp_path, n):
-    from gptkit.checkpoint import load_checkpoint_model
+    from gptkit.loading import load_checkpoint_model
     from gptkit.loading import load_model
 
     valid_state = json.loads((checkpoint / "state.json").read_text())
@@ -445,7 +446,7 @@ def run_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("n", EXAMPLES)
 @pytest.mark.parametrize("name", ["state.json", "optimizer.safetensors"])
 def test_resume_state_loads_or_refuses(run_checkpoint, tmp_path, n, name):
-    from gptkit.checkpoint import load_checkpoint_model
+    from gptkit.loading import load_checkpoint_model
     from gptkit.data import TokenLoader
     from gptkit.optim import make_adamw
     from gptkit.runtime import Dist

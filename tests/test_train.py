@@ -155,7 +155,8 @@ def test_training_steps_equal_clip_grad_norm_and_torch_adamw(char_data, tmp_path
     so accumulation must average, not sum."""
     import torch
 
-    from gptkit.checkpoint import find_checkpoint, load_checkpoint_model
+    from gptkit.checkpoint import find_checkpoint
+    from gptkit.loading import load_checkpoint_model
     from gptkit.data import TokenLoader
     from gptkit.model import GPT
     from gptkit.optim import param_groups
