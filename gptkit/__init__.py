@@ -1,6 +1,6 @@
 """gptkit: GPT-2 training, fine-tuning, validation and sampling on PyTorch."""
 
-__version__ = "0.1.0"
+from gptkit.version import __version__  # noqa: E402
 
 from gptkit.config import GPTConfig  # noqa: E402
 from gptkit.model import GPT  # noqa: E402

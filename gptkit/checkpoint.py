@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptkit import __version__
+from gptkit.version import __version__
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 

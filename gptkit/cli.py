@@ -8,11 +8,12 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
 # modules, not their functions: a runner looks its library function up when it runs (tests patch them)
-from gptkit import (__version__, bench, config, convert, data, evaluate, inference, plot, prepare, serve, tasks,
+from gptkit import (__version__, bench, config, convert, data, evaluate, inference, plot, prepare, runs, serve, tasks,
                     tokenizer_train, train, validate)
 from gptkit.errors import GptkitError
 
@@ -22,6 +23,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise GptkitError(message, self.prog, f"see `{self.prog} --help`")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps epilogs as written and adds "(default: X)" to options that have a default worth showing."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if (action.option_strings and "default" not in h and d not in (None, False, [], argparse.SUPPRESS)
+                and action.nargs != 0):
+            h += " (default: %(default)s)"
+        return h
 
 
 # Each subcommand registers itself here: name -> (add_arguments(parser), run(args) -> int | None).
@@ -40,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gptkit {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="<subcommand>", parser_class=_Parser)
     for name, (fn, help) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
         run = fn(sp)
+        for action in sp._actions:  # options without a help text still show their default
+            if action.help is None and action.option_strings and action.default not in (None, False, []):
+                action.help = "default: %(default)s"
         sp.set_defaults(_run=run)
     return p
 
@@ -65,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = args._run(args)
         return int(rc or 0)
     except GptkitError as e:
-        print(e.line(), file=sys.stderr)
+        runtime = sys.modules.get("gptkit.runtime")  # not imported yet: not a torchrun job's trainer
+        if runtime is None or runtime.is_main_process():  # under torchrun the error is said once
+            print(e.line(), file=sys.stderr)
         return 2
     except SystemExit as e:  # --help and --version
         return e.code if isinstance(e.code, int) else 0
@@ -99,7 +117,6 @@ def _prepare(p):
 
 @command("train", "train or fine-tune a GPT-2 model (default: char-level tiny Shakespeare on CPU)")
 def _train(p):
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = config.config_help()
     p.add_argument("--config", help="TOML file of training keys (a [model] table for architecture keys)")
     p.add_argument("--model", help="architecture: a preset (gpt2, gpt2-medium, ..., shakespeare-char) or a model path")
@@ -118,9 +135,15 @@ def _train(p):
                 if k in ov:
                     raise GptkitError(f"--{k} and {k}= both given", f"--{k}", "give it once")
                 ov[k] = str(v)
-        cfg, model_ov = config.resolve_config(a.config, ov)
-        res = train.train(cfg, model_ov, resume=a.resume)
-        return 0 if res is not None else 1
+        changes = None
+        if a.resume:  # the run's own settings, with the keys that may change mid-run changed
+            cfg, model_ov, changes = runs.resume_run_config(a.out, a.config, ov)
+        else:
+            cfg, model_ov = config.resolve_config(a.config, ov)
+        res = train.train(cfg, model_ov, resume=a.resume, changes=changes)
+        if res.stopped_by:  # the shell's code for a process ended by that signal
+            return 128 + int(getattr(signal, res.stopped_by))
+        return 0
     return run
 
 
@@ -203,9 +226,10 @@ def _convert(p):
                    help="gptkit checkpoint, Hugging Face directory, or llm.c model.bin (fp32 v3 / bf16 v5) "
                         "+ tokenizer.bin")
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory (for llm.c's tokenizer.bin)")
+    p.add_argument("--force", action="store_true", help="replace a DST that is not empty (its files are removed)")
 
     def run(a):
-        res = convert.convert(a.src, a.dst, a.to, a.vocab)
+        res = convert.convert(a.src, a.dst, a.to, a.vocab, force=a.force)
         for note in res.notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {res.dst} ({a.to}): {', '.join(f.name for f in res.files)}")

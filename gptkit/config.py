@@ -269,8 +269,10 @@ class TrainConfig:
     # wall-clock budget in s from the process start, final eval included (0 = off); the default
     # run's 110 s; a config or command line that sets max_steps without max_time turns it off
     max_time: float = 110.0
+    # the default run's tuned values: lr 6e-3 decaying to lr/10 (nanoGPT's min_lr = lr/10)
     lr: float = 6e-3
-    min_lr: float = 6e-4
+    min_lr: float = -1.0  # < 0: lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     decay_steps: int = 0  # 0 = decay until max_steps
     weight_decay: float = 0.1
@@ -291,7 +293,10 @@ class TrainConfig:
     sample_temperature: float = 0.8
     sample_top_k: int = 200  # 0 = off
     sample_top_p: float = 1.0
-    ckpt_interval: int = 0  # 0 = only at the end
+    ckpt_interval: int = 0  # 0 = only at the end (and at eval steps once ckpt_every_s have passed)
+    # a long run also saves at its eval steps (log steps if eval_interval=0) once this many seconds
+    # have passed since the last save, as nanoGPT and llm.c save at eval steps (0 = off)
+    ckpt_every_s: float = 300.0
     keep_last: int = 3  # checkpoints kept (0 = all)
     log_interval: int = 10
     # runtime
@@ -326,6 +331,11 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise GptkitError(f"{name} must be a non-negative integer, got {v!r}", name, "set it to 0 or more")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise GptkitError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}", "min_lr_ratio",
+                              "min_lr = lr * min_lr_ratio; nanoGPT's is 0.1")
+        if self.min_lr < 0 and self.lr > 0:
+            self.min_lr = self.lr * self.min_lr_ratio
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise GptkitError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}", "lr",
                               "set lr > 0 and min_lr between 0 and lr")
@@ -340,7 +350,10 @@ class TrainConfig:
             raise GptkitError(f"unknown optim_dtype {self.optim_dtype!r}", "optim_dtype", "use float32 or bfloat16")
         if self.param_dtype not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
             raise GptkitError(f"unknown param_dtype {self.param_dtype!r}", "param_dtype", "use float32 or bfloat16")
-        if not self.max_time >= 0:
+        if not self.max_time >= 0 or not self.ckpt_every_s >= 0:
+            if not self.ckpt_every_s >= 0:
+                raise GptkitError(f"ckpt_every_s must be >= 0 seconds, got {self.ckpt_every_s!r}", "ckpt_every_s",
+                                  "set ckpt_every_s=0 for no time-based checkpoints")
             raise GptkitError(f"max_time must be >= 0 seconds, got {self.max_time!r}", "max_time",
                               "set max_time=0 for no time limit")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
@@ -419,11 +432,22 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))
 
 
-def write_toml(path: Path, train: dict[str, Any], model: dict[str, Any]) -> None:
-    lines = ["# resolved configuration of this run (gptkit train --config this-file reproduces it)"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in train.items()]
-    lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in model.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+ARCH_TABLE = "architecture"  # config.toml's table of model keys (a top-level `model` key names the preset)
+
+
+def write_toml(path: Path, train: dict[str, Any], model: dict[str, Any], note: str = "") -> None:
+    """The resolved config as TOML that `--config` reads back: the training keys at the top level
+    (`out` commented out, so the file starts a new run), the architecture in an [architecture] table."""
+    lines = ["# resolved configuration of this run: `gptkit train --config this-file` reproduces it in a new run dir"]
+    lines += [f"# {line}" for line in note.splitlines()]
+    for k, v in train.items():
+        lines.append(f"{'# ' if k == 'out' else ''}{k} = {_toml_value(v)}")
+    # block_size, dropout and attention are training keys, already above
+    lines += ["", f"[{ARCH_TABLE}]"] + [f"{k} = {_toml_value(v)}" for k, v in model.items()
+                                        if k in MODEL_ONLY_KEYS or k == "vocab_size"]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -456,7 +480,7 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
     if config_file:
         raw = load_toml(config_file)
         for k, v in raw.items():
-            if k == "model" and isinstance(v, dict):
+            if k in ("model", ARCH_TABLE) and isinstance(v, dict):
                 for mk, mv in v.items():
                     if mk in ("block_size", "dropout", "attention"):
                         put(mk, mv, str(config_file))
@@ -480,12 +504,67 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
     return TrainConfig(**train_vals), model_vals
 
 
+# keys a resumed run may change: its length, its logging and where and how fast it runs. The others
+# (the data order, the batch, the optimizer, the schedule, the architecture) define the run itself.
+RESUME_KEYS = ("max_steps", "max_time", "eval_interval", "eval_batches", "final_eval", "sample_interval",
+               "sample_tokens", "sample_temperature", "sample_top_k", "sample_top_p", "ckpt_interval",
+               "ckpt_every_s", "keep_last", "log_interval", "device", "dtype", "compile", "threads", "progress",
+               "max_bad_steps", "loggers", "wandb_project", "out", "data", "attention", "activation_checkpointing",
+               "fsdp")
+
+
+def resume_config(saved: dict[str, Any], saved_model: dict[str, Any], config_file: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
+    """The config of a resumed run: the run's own (`saved`, from its checkpoint), with the keys of
+    `config_file` and `overrides` that differ from it applied. Only RESUME_KEYS may differ.
+    Returns (TrainConfig, {}, {key: [old, new]} of what changed)."""
+    given, given_model = resolve_config(config_file, overrides)
+    named = set(overrides or {})
+    if config_file:
+        raw = load_toml(config_file)
+        named |= {k for k in raw if not isinstance(raw[k], dict)}
+        for table in ("model", ARCH_TABLE):
+            if isinstance(raw.get(table), dict):
+                named |= {k for k in raw[table] if k in TRAIN_KEYS}
+    base = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_KEYS})
+    vals = base.to_dict()
+    changes: dict[str, Any] = {}
+    for k in sorted(named):
+        if k not in TRAIN_KEYS:
+            continue
+        new = getattr(given, k)
+        if new == vals[k]:
+            continue
+        if k not in RESUME_KEYS:
+            where = f"{k}={overrides[k]}" if overrides and k in overrides else str(config_file or k)
+            raise GptkitError(f"{k} cannot change when a run is resumed (the run has {k}={vals[k]!r})", where,
+                              f"keys that may change: {', '.join(k for k in RESUME_KEYS if k != 'out')}; "
+                              "or start a new run with --init RUN_DIR")
+        changes[k] = [vals[k], new]
+        vals[k] = new
+    for k, v in given_model.items():
+        if k in saved_model and saved_model[k] != v:
+            raise GptkitError(f"{k} cannot change when a run is resumed (the model has {k}={saved_model[k]!r})",
+                              f"{k}={v}", "the architecture is the checkpoint's; start a new run with --init RUN_DIR")
+    if "max_steps" in changes and "max_time" not in named and vals["max_time"]:
+        # as in a new run: naming the length turns the default run's time budget off
+        changes["max_time"] = [vals["max_time"], 0.0]
+        vals["max_time"] = 0.0
+    if "max_steps" in changes and not vals["decay_steps"]:
+        # the cosine keeps the horizon it had (decay_steps=0 meant "until max_steps"), so the LR
+        # goes on from where it was: a longer run continues at min_lr, a shorter one stops earlier
+        changes["decay_steps"] = [0, changes["max_steps"][0]]
+        vals["decay_steps"] = changes["max_steps"][0]
+    return TrainConfig(**vals), {}, changes
+
+
 def config_help() -> str:
     """Every train key with its default, for `gptkit train --help`."""
     d = TrainConfig()
     lines = ["training keys (key=value, or in --config TOML):"]
     for f in fields(TrainConfig):
-        lines.append(f"  {f.name} = {getattr(d, f.name)!r}")
+        shown = "lr * min_lr_ratio" if f.name == "min_lr" else repr(getattr(d, f.name))
+        lines.append(f"  {f.name} = {shown}")
     lines.append("model keys (from scratch; also a [model] table in TOML):")
     for k in MODEL_ONLY_KEYS:
         lines.append(f"  {k}")

@@ -12,7 +12,9 @@ SRC is anything gptkit.loading recognises. The targets:
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,14 +88,65 @@ def _carry_hf_tokenizer(loaded, dst: Path, vocab) -> list[Path]:
     return save_tokenizer(tok, dst, loaded.model.config.block_size) if tok.kind == "hf" else []
 
 
-def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None) -> ConvertResult:
-    """Load SRC and write it to DST in format `to` (one of TARGETS)."""
+def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None,
+            force: bool = False) -> ConvertResult:
+    """Load SRC and write it to DST in format `to` (one of TARGETS). A DST that exists and is not
+    empty is refused unless `force`; then the new directory replaces it whole (written beside it,
+    then swapped in), so two models' files never mix."""
     if to not in TARGETS:
         raise GptkitError(f"unknown target format {to!r}", "--to", f"use one of {', '.join(TARGETS)}")
-    dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise GptkitError("destination exists and is not a directory", dst, "give a directory path")
+    final = Path(dst)
+    if final.exists() and not final.is_dir():
+        raise GptkitError("destination exists and is not a directory", final, "give a directory path")
+    if final.is_dir() and any(final.iterdir()):
+        if not force:
+            raise GptkitError("destination directory exists and is not empty", final,
+                              "give a new directory, or --force to replace it (its files are removed)")
+        if Path(src).exists() and _overlaps(Path(src), final):
+            raise GptkitError("--force would remove the model being converted", final, "give another DST")
     loaded = load_model(src)
+    make_dir(final.parent, "DST")
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))  # on DST's file system
+    try:
+        res = _write(loaded, src, work, to, vocab)
+        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it 0700; DST gets the usual mode
+        _swap_in(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    res.dst = final
+    res.files = [final / f.relative_to(work) for f in res.files]
+    return res
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents or a in b.parents
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Put directory `new` at `final`: a rename, with a previous `final` moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(loaded, src, dst: Path, to: str, vocab) -> ConvertResult:
     model, config = loaded.model, loaded.model.config
     if to.startswith("llmc") and config.family != "gpt2":
         raise GptkitError(f"llm.c's model.bin holds GPT-2 only, not a {config.family} model", "--to",

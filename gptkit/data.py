@@ -103,7 +103,9 @@ def split_files(data_dir: str | Path, split: str) -> list[Path]:
     numbered = sorted(p for p in d.glob(f"{split}_*.bin") if re.fullmatch(rf"{split}_\d{{6}}\.bin", p.name))
     files = ([single] if single.is_file() else []) + numbered
     if not files:
-        raise GptkitError(f"no {split} shards ({split}.bin or {split}_000000.bin)", d, "run `gptkit prepare` first")
+        hint = ("run `gptkit prepare` first" if split in ("train", "val") else
+                "`gptkit prepare` writes the train and val splits: use --split val (or train)")
+        raise GptkitError(f"no {split} shards ({split}.bin or {split}_000000.bin)", d, hint)
     return files
 
 
@@ -115,6 +117,22 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise GptkitError(f"unreadable meta.json: {e}", p, "re-run `gptkit prepare`") from None
+
+
+def check_char_table(model_chars: list[str] | None, meta: dict[str, Any], model_where, data_dir) -> None:
+    """A char model reads only data prepared with its own character table: the same id must mean
+    the same character, or the losses are of another text."""
+    data_chars = meta.get("chars")
+    if model_chars and data_chars and len(data_chars) > len(model_chars):
+        return  # more ids than the model has: the vocabulary-size check says so, more precisely
+    if model_chars and data_chars and list(model_chars) != list(data_chars):
+        def show(chars):
+            text = "".join(chars)
+            return json.dumps(text if len(text) <= 40 else text[:37] + "...", ensure_ascii=False)
+
+        raise GptkitError(f"the model's character table ({len(model_chars)} chars: {show(model_chars)}) differs "
+                          f"from the data's ({len(data_chars)} chars: {show(data_chars)}, {Path(data_dir) / 'meta.json'})",
+                          str(model_where), "use data prepared from the model's text, or train a new model on this data")
 
 
 class TokenLoader:

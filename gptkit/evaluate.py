@@ -10,6 +10,7 @@ in gptkit/tasks.py.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gptkit.data import SplitTokens, TokenLoader, check_vocab, count_eval_batches, eval_windows, read_meta, split_files
+from gptkit.data import (SplitTokens, TokenLoader, check_char_table, check_vocab, count_eval_batches, eval_windows,
+                         read_meta, split_files)
 from gptkit.errors import GptkitError
 from gptkit.loading import load_model
 from gptkit.model import GPT
@@ -75,13 +77,14 @@ def evaluate_model(model_path: str, data_dir: str, split: str = "val", batch_siz
         raise GptkitError(f"must be in 1..{model.config.block_size}, got {T}", "--block-size",
                           "leave it out to use the model's context")
     meta = read_meta(data_dir)
+    check_char_table(loaded.chars, meta, model_path, data_dir)
     if meta.get("vocab_size", 0) > model.config.vocab_size:
         raise GptkitError(f"data vocab {meta['vocab_size']} exceeds the model's {model.config.vocab_size}",
                           data_dir, "evaluate on data prepared with the model's tokenizer")
     if "vocab_size" not in meta:  # e.g. llm.c's own shards: scan the ids instead
         toks = SplitTokens(data_dir, split)
         check_vocab(data_dir, toks.files, toks.shards, model.config.vocab_size)
-    return evaluate(model, Path(data_dir), T, batch_size, dev, dt, split=split, progress=True)
+    return evaluate(model, Path(data_dir), T, batch_size, dev, dt, split=split, progress=sys.stderr.isatty())
 
 
 # ---------------------------------------------------------------------------------------------

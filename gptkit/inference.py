@@ -101,9 +101,12 @@ def run_sample(model_path: str, prompt: str = "", max_new_tokens: int = 200, tem
         ids = prepare_prompt(default_prompt_ids(tok, prompt), model.config.block_size, truncate, "--prompt")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    if truncate and len(ids) + max_new_tokens > model.config.block_size and num_beams == 1:
-        print(f"warning: past {model.config.block_size} tokens, generation slides its context window",
-              file=sys.stderr)
+    bs = model.config.block_size
+    if len(ids) + max_new_tokens > bs:  # the model was trained on windows of bs tokens: say what happens past them
+        what = ("beam search stops there" if num_beams > 1 else
+                f"past it, generation slides its window (each new token sees the last {bs} tokens only)")
+        print(f"warning: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceed the model's "
+              f"context of {bs} tokens: {what}", file=sys.stderr)
     if num_beams > 1:
         return _print_beams(model, tok, prompt, ids, max_new_tokens, tuple(stop or ()), num_beams, length_penalty,
                             num_samples, write)

@@ -53,7 +53,7 @@ def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], where: s
         raise GptkitError(
             f"weights do not match the config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}", where,
-            "the checkpoint is damaged or was written for another architecture")
+            "the weights were written for another architecture than the config describes")
     for k, v in expected.items():
         if tuple(state_dict[k].shape) != tuple(v.shape):
             raise GptkitError(f"tensor {k} has shape {tuple(state_dict[k].shape)}, the config needs {tuple(v.shape)}",
@@ -96,6 +96,10 @@ def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
         if (path / "model.ckpt.index").is_file():
             config, sd = load_tf(path)
             return Loaded(build_model(config, sd, str(path)), "tf", path, tokenizer_dir=path)
+        if (path / "config.toml").is_file() or (path / "metrics.jsonl").is_file():
+            raise GptkitError("the run has no checkpoint: it stopped before its first save", path,
+                              f"continue it with `gptkit train --out {path} --resume` (it starts from step 0), "
+                              "or give a run that has a ckpt_* directory")
         raise GptkitError("not a model directory", path,
                           "expected a gptkit run or checkpoint (ckpt_*/state.json), an HF directory "
                           "(config.json + model.safetensors or its shards) or an OpenAI TF checkpoint (model.ckpt.index)")

@@ -362,3 +362,14 @@ class GPT(nn.Module):
         from gptkit.loading import load_model  # lazy: the model itself never touches files
 
         return load_model(path_or_name, **kwargs).model
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """nanoGPT's `model.generate`: idx (B, T) token ids -> (B, T + max_new_tokens), sampled with
+        `temperature` (0 = greedy), top-k and top-p, through gptkit's KV-cache engine (the model is
+        put in eval mode). Past the context it slides its window, as nanoGPT does."""
+        from gptkit.generate import generate  # lazy: the engine is built on this module
+
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator)
+

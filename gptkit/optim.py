@@ -12,7 +12,9 @@ step schedule.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import torch
 
@@ -120,3 +122,66 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: i
     ratio = max((step - warmup_steps) / max(1, decay_steps - warmup_steps), time_ratio)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
+
+class TimeBudget:
+    """The wall-clock budget of `max_time`: when to stop, and how far the LR schedule has got.
+
+    Training stops early enough for the final full-split eval (and the checkpoint and sample) to
+    finish by `max_time` seconds after the process started. The eval's cost is extrapolated from
+    the periodic evals, or from the training speed before the first one.
+    """
+
+    def __init__(self, max_time: float, process_start: float, val_tokens: int, start_ratio: float = 0.0):
+        self.enabled = max_time > 0
+        self.end = process_start + max_time
+        self.val_tokens = val_tokens
+        # how far the schedule had got when a resumed run stopped: it goes on from there (and stays
+        # there without a budget), so the LR does not jump back up
+        self.start_ratio = min(1.0, max(0.0, start_ratio))
+        self.ratio = self.start_ratio  # fraction of the budget spent since the warmup ended
+        self.t_warm = None  # time at which the warmup ended
+        self.last_t, self.last_step, self.ticks = None, 0, 0
+        self.train_s_per_tok = None  # a running average that skips the first steps (compilation, warm-up)
+        self.eval_s_per_tok = None
+        self.eval_since = 0.0  # eval time since the last tick
+        self.tasks_s = 0.0  # the last scoring of eval_tasks, which the final eval repeats
+
+    def reserve(self) -> float:
+        """Seconds kept for the final eval, checkpoint and sample."""
+        per_tok = self.eval_s_per_tok or (self.train_s_per_tok or 0.0) / 2.0
+        return 1.2 * (per_tok * self.val_tokens + self.tasks_s) + 1.0
+
+    def tick(self, step: int, warmup_steps: int, tokens_per_step: int) -> None:
+        now = time.time()
+        if self.last_t is not None and step > self.last_step:
+            per_tok = (now - self.last_t - self.eval_since) / ((step - self.last_step) * tokens_per_step)
+            self.ticks += 1
+            if self.ticks > 2:
+                prev = self.train_s_per_tok
+                self.train_s_per_tok = per_tok if prev is None else 0.95 * prev + 0.05 * per_tok
+        self.last_t, self.last_step, self.eval_since = now, step, 0.0
+        if step < warmup_steps:
+            return
+        if self.t_warm is None:
+            self.t_warm = now
+        deadline = self.end - self.reserve()
+        spent = min(1.0, max(0.0, (now - self.t_warm) / max(deadline - self.t_warm, 1e-9)))
+        self.ratio = self.start_ratio + (1.0 - self.start_ratio) * spent
+
+    def projected_end_step(self, step: int, tokens_per_step: int) -> int:
+        """The step at which the budget will stop training, at the current speed."""
+        if not self.train_s_per_tok:
+            return step + 1
+        left = self.end - self.reserve() - time.time()
+        return step + max(1, int(left / (self.train_s_per_tok * tokens_per_step)))
+
+    def out_of_time(self) -> bool:
+        return time.time() >= self.end - self.reserve()
+
+    @contextlib.contextmanager
+    def timing_eval(self, tokens: int):
+        t = time.time()
+        yield
+        dt = time.time() - t
+        self.eval_since += dt
+        self.eval_s_per_tok = dt / max(tokens, 1)

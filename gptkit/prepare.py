@@ -53,7 +53,8 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
     except OSError as e:  # URLError, HTTPError, timeouts are OSErrors
         Path(tmp).unlink(missing_ok=True)
         raise GptkitError(f"download failed: {e}", url,
-                          f"no network? put the file at {dest} or pass --input FILE / set GPTKIT_DATA") from None
+                          f"no network? put the file at {dest}, set GPTKIT_DATA to its folder, or run "
+                          "`gptkit prepare PRESET --input FILE`") from None
     return dest
 
 
@@ -355,8 +356,9 @@ def default_dataset_dir(name: str) -> Path:
     return cache_dir() / "data" / name
 
 
-def ensure_prepared(name: str, input: str | Path | None = None) -> Path:
-    """The prepared directory of a preset dataset in the cache, preparing it on first use."""
+def ensure_prepared(name: str, input: str | Path | None = None, log=None) -> Path:
+    """The prepared directory of a preset dataset in the cache, preparing it on first use (and
+    saying so, and from which text, through `log`)."""
     d = default_dataset_dir(name)
     if (d / "meta.json").is_file() and ((d / "train.bin").is_file() or (d / "train_000000.bin").is_file()):
         return d
@@ -368,6 +370,12 @@ def ensure_prepared(name: str, input: str | Path | None = None) -> Path:
         os.replace(tmp, d)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if log is not None:
+        try:
+            source = json.loads((d / "meta.json").read_text(encoding="utf-8")).get("source", "?")
+        except (OSError, ValueError):
+            source = "?"
+        log(f"prepared {name} from {source} into {d}")
     return d
 
 

@@ -19,8 +19,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """auto = cuda > mps > cpu."""
+def pick_device(name: str = "auto", where: str = "--device") -> torch.device:
+    """auto = cuda > mps > cpu. `where`: the option that named it (`--device`, or train's `device` key)."""
     if name == "auto":
         if torch.cuda.is_available():  # pragma: no cover (GPU: CI runs on a CPU)
             return torch.device("cuda")
@@ -28,11 +28,17 @@ def pick_device(name: str = "auto") -> torch.device:
         if mps is not None and mps.is_available():  # pragma: no cover (Apple GPU)
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    sep = " " if where.startswith("--") else "="
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise GptkitError(f"unknown device {name!r}", where, f"use {where}{sep}auto, cpu, cuda[:N] or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptkitError("CUDA is not available on this machine", "device", "use device=cpu or device=auto")
+        raise GptkitError("CUDA is not available on this machine", where, f"use {where}{sep}cpu or {where}{sep}auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise GptkitError("MPS is not available on this machine", "device", "use device=cpu or device=auto")
+        raise GptkitError("MPS is not available on this machine", where, f"use {where}{sep}cpu or {where}{sep}auto")
     return dev
 
 
@@ -182,13 +188,18 @@ class Dist:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process of its own (readable before torch.distributed starts)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """Initialise torch.distributed when launched by torchrun (gloo on CPU, NCCL on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(), pick_device(device_name)
+        return Dist(), pick_device(device_name, "device")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name)
+    device = pick_device(device_name, "device")
     if device.type == "cuda":  # pragma: no cover (GPU: CI runs on a CPU)
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

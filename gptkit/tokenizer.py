@@ -34,6 +34,7 @@ from gptkit.config import GPT2_EOT, GPT2_VOCAB_SIZE
 from gptkit.errors import GptkitError, make_dir
 from gptkit.hf_tokenizer import (EOT_TEXT, HFTokenizer, bytes_to_unicode, char_hf_files, generation_eos,  # noqa: F401
                                  gpt2_hf_files, hf_document_ids, read_json, read_tokenizer_config, write_text)
+from gptkit.formats.llmc import read_tokenizer
 from gptkit.paths import data_file
 
 # GPT-2's pre-tokenisation regex (tiktoken's r50k/gpt2 pattern)
@@ -237,7 +238,21 @@ def load_bpe_vocab(path: str | Path) -> BPETokenizer:
 def has_bpe_files(d: Path) -> bool:
     return d.is_dir() and ((d / "encoder.json").is_file() and (d / "vocab.bpe").is_file()
                            or (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
-                           or (d / "tokenizer.json").is_file())
+                           or (d / "tokenizer.json").is_file() or (d / RUN_VOCAB).is_file())
+
+
+RUN_VOCAB = "gpt2.tiktoken"  # the GPT-2 vocabulary a run trained with, in tiktoken's format, in its run directory
+
+
+def save_gpt2_vocab(tok: BPETokenizer, directory: str | Path) -> Path:
+    """Write `tok`'s ranks as DIRECTORY/gpt2.tiktoken (base64 token, rank; tiktoken's own format),
+    atomically, so the run samples offline with the vocabulary it was trained with."""
+    path = Path(directory) / RUN_VOCAB
+    tmp = path.with_name(path.name + ".tmp")
+    lines = (f"{base64.b64encode(tok.token_bytes(i)).decode()} {i}\n" for i in range(GPT2_EOT))
+    tmp.write_text("".join(lines), encoding="ascii")
+    tmp.replace(path)
+    return path
 
 
 def gpt2_tokenizer(vocab: str | Path | None = None, model_dir: str | Path | None = None) -> BPETokenizer:
@@ -249,8 +264,11 @@ def gpt2_tokenizer(vocab: str | Path | None = None, model_dir: str | Path | None
     in_data = data_file("gpt2.tiktoken")
     if in_data is not None:
         return load_bpe_vocab(in_data)
-    if model_dir is not None and has_bpe_files(Path(model_dir)):
-        return load_bpe_vocab(model_dir)
+    for d in _model_dirs(model_dir):
+        if has_bpe_files(d):
+            return load_bpe_vocab(d)
+    if model_dir is not None and (Path(model_dir) / "tokenizer.bin").is_file():  # beside an llm.c model.bin
+        return llmc_bpe_tokenizer(Path(model_dir) / "tokenizer.bin")
     try:
         return BPETokenizer(tiktoken.get_encoding("gpt2"))
     except Exception as e:
@@ -448,3 +466,21 @@ def save_tokenizer(tok, directory: str | Path, max_length: int | None = None) ->
     files.append(write_text(d / "tokenizer.json", tj))
     files.append(write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"))
     return files
+
+
+def _model_dirs(model_dir: str | Path | None) -> list[Path]:
+    """Where a model's own vocabulary may be: its directory, and a checkpoint's run directory."""
+    if model_dir is None:
+        return []
+    d = Path(model_dir)
+    return [d, d.parent] if d.name.startswith("ckpt_") else [d]
+
+
+def llmc_bpe_tokenizer(path: Path) -> BPETokenizer:
+    """GPT-2's BPE from llm.c's tokenizer.bin: its token i is the bytes of GPT-2's rank i (ids and
+    ranks coincide in GPT-2), and id 50256 is <|endoftext|>."""
+    tok = read_tokenizer(path)
+    if len(tok.tokens) != GPT2_VOCAB_SIZE:
+        raise GptkitError(f"tokenizer.bin has {len(tok.tokens)} tokens, GPT-2's has {GPT2_VOCAB_SIZE}", path,
+                          "pass --vocab with the model's vocabulary")
+    return BPETokenizer(_encoding_from_ranks({b: i for i, b in enumerate(tok.tokens[:GPT2_EOT])}, str(path)))

@@ -121,6 +121,7 @@ def test_key_value_overrides_may_follow_options(monkeypatch):
     import gptkit.train as train_mod
 
     seen = {}
-    monkeypatch.setattr(train_mod, "train", lambda cfg, mov, resume=False: seen.update(cfg=cfg, mov=mov) or 0)
+    monkeypatch.setattr(train_mod, "train", lambda cfg, mov, resume=False, changes=None:
+                        seen.update(cfg=cfg, mov=mov) or train_mod.TrainResult(Path(cfg.out), 0, None, None, 0.0))
     assert main(["train", "max_steps=7", "--out", "somewhere", "lr=0.01", "n_layer=3"]) == 0
     assert (seen["cfg"].max_steps, seen["cfg"].lr, seen["cfg"].out, seen["mov"]) == (7, 0.01, "somewhere", {"n_layer": 3})

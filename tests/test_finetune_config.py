@@ -46,7 +46,7 @@ def test_finetune_config_trains_from_a_random_standin(tmp_path, shakespeare_path
     # the config as shipped, cut to 12 steps and a short eval so the default suite stays fast
     r, rows = run_config(tmp_path, "max_steps=12", "eval_batches=2", "final_eval=false")
     assert max(row["step"] for row in rows) == 12
-    assert [row["step"] for row in rows if "val_loss" in row] == [10]
+    assert [row["step"] for row in rows if "val_loss" in row] == [0, 10]  # llm.c also reports step 0
     assert "--- sample ---" in r.stdout + r.stderr
     assert list((tmp_path / "run").glob("ckpt_00000012"))
 
@@ -55,7 +55,7 @@ def test_finetune_config_trains_from_a_random_standin(tmp_path, shakespeare_path
 def test_finetune_config_runs_all_40_steps_with_random_weights(tmp_path, shakespeare_path):
     r, rows = run_config(tmp_path)
     assert max(row["step"] for row in rows) == 40
-    assert [row["step"] for row in rows if "val_loss" in row and not row.get("final")] == [10, 20, 30]
+    assert [row["step"] for row in rows if "val_loss" in row and not row.get("final")] == [0, 10, 20, 30]
     final = [row for row in rows if row.get("final")]
     assert final and final[0]["step"] == 40
     assert list((tmp_path / "run").glob("ckpt_00000040"))

@@ -26,7 +26,10 @@ def _metrics(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_progress_bar_shows_step_loss_tok_s_mfu_and_eta(char_data, tmp_path, capsys):
+def test_progress_bar_shows_step_loss_tok_s_mfu_and_eta(char_data, tmp_path, capsys, monkeypatch):
+    import gptkit.metrics
+
+    monkeypatch.setattr(gptkit.metrics, "on_terminal", lambda: True)
     _run(char_data, tmp_path / "run", progress="true", final_eval="false")
     err = capsys.readouterr().err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
@@ -45,10 +48,10 @@ def test_tensorboard_logger_records_the_same_scalars(char_data, tmp_path):
     acc.Reload()
     rows = _metrics(run)
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
-    want = [(r["step"], r["train_loss"]) for r in rows if not r.get("final")]  # the final row repeats the last
+    want = [(r["step"], r["train_loss"]) for r in rows if not r.get("final") and r["step"]]  # the final row repeats the last
     assert [s for s, _ in got] == [s for s, _ in want]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as float32
-    assert [e.step for e in acc.Scalars("val/loss")] == [3]
+    assert [e.step for e in acc.Scalars("val/loss")] == [0, 3]  # the initial weights' val loss, then step 3
     assert len(acc.Scalars("train/lr")) == 6 and len(acc.Scalars("val/final_loss")) == 1
 
 

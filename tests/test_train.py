@@ -38,7 +38,8 @@ def test_run_directory_holds_config_metrics_and_checkpoints(char_data, tmp_path)
     assert state["step"] == 6 and state["chars"] and state["model_config"]["n_embd"] == 16
     assert state["loader"]["step"] == 6 and "torch" in state["rng"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 3, 4, 6, 6]  # logged every 2 steps, an eval at 3, the final eval
+    # the val loss of the initial weights, logged every 2 steps, an eval at 3, the final eval
+    assert [r["step"] for r in rows] == [0, 2, 3, 4, 6, 6]
     for r in rows:
         assert {"step", "tokens", "elapsed_s", "train_loss", "lr", "tok_per_s", "mfu"} <= set(r)
         assert r["tokens"] == r["step"] * 4 * 16

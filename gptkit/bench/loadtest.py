@@ -56,8 +56,12 @@ def _request(url: str, body: dict, api_key: str | None, timeout: float) -> tuple
             if len(d.get("choices", [])) != body.get("n", 1):
                 return False, "wrong number of choices"
             return True, ""
-    except urllib.error.HTTPError as e:
-        return False, f"HTTP {e.code}"
+    except urllib.error.HTTPError as e:  # the server's own message says what was wrong with the request
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except Exception:
+            message = e.reason
+        return False, f"HTTP {e.code}: {message}"
     except Exception as e:  # connection reset, timeout, bad JSON: all count as errors
         return False, f"{type(e).__name__}: {e}"
 
@@ -121,7 +125,7 @@ def run_fairness(url: str, long: int = 4, long_n: int = 8, long_max_tokens: int 
     long_results: list[tuple] = []
 
     def long_client(i: int) -> None:
-        body = {"prompt": f"Long request {i}:", "max_tokens": long_max_tokens, "n": long_n, "temperature": 1.0}
+        body = {"prompt": f"Long request {_letters(i)}:", "max_tokens": long_max_tokens, "n": long_n, "temperature": 1.0}
         long_results.append(_stream_ttft(url, body, api_key, timeout, started[i]))
 
     threads = [threading.Thread(target=long_client, args=(i,), daemon=True) for i in range(long)]
@@ -131,7 +135,7 @@ def run_fairness(url: str, long: int = 4, long_n: int = 8, long_max_tokens: int 
         e.wait(timeout)
     ttfts, errors, long_done_early = [], [], 0
     for k in range(short):
-        ttft, _, err = _stream_ttft(url, {"prompt": f"Short question {k}:", "max_tokens": short_max_tokens,
+        ttft, _, err = _stream_ttft(url, {"prompt": f"Short question {_letters(k)}:", "max_tokens": short_max_tokens,
                                           "temperature": 1.0}, api_key, timeout)
         (errors.append(err) if err else ttfts.append(ttft))
         long_done_early = len(long_results)
@@ -181,13 +185,25 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
+def _letters(n: int) -> str:
+    """A number spelled in letters (0 -> a, 1 -> b, ...): the main job's char model has no digits."""
+    return "".join("abcdefghij"[int(d)] for d in str(n))
+
+
+def default_prompt(c: int, r: int) -> str:
+    """Client c's r-th prompt, distinct per request and written in letters only, so that a char model
+    trained on tiny Shakespeare (no digits in its vocab) reads it too."""
+    return f"Client {_letters(c)} asks question {_letters(r)}:"
+
+
 def run_load(url: str, clients: int = 50, requests: int = 5, max_tokens: int = 16, api_key: str | None = None,
-             stream: str = "half", timeout: float = 300.0, warmup: bool = True) -> dict:
-    """Run the load against a server at `url`; return the figures as a dict."""
+             stream: str = "half", timeout: float = 300.0, warmup: bool = True, prompt: str | None = None) -> dict:
+    """Run the load against a server at `url`; return the figures as a dict. `prompt`: one prompt
+    for every request (default: default_prompt's)."""
     def body(c: int, r: int) -> dict:
         streamed = stream == "all" or (stream == "half" and c % 2 == 1)
-        return {"prompt": f"Client {c} asks question {r}:", "max_tokens": max_tokens, "temperature": 1.0,
-                "stream": streamed}
+        return {"prompt": prompt if prompt is not None else default_prompt(c, r), "max_tokens": max_tokens,
+                "temperature": 1.0, "stream": streamed}
 
     def round_of(n_requests: int) -> tuple[list[float], list[str], float]:
         latencies: list[float] = []
@@ -290,7 +306,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['clients']} clients x {r['requests_per_client']} requests, max_tokens {r['max_tokens']}, "
         f"stream {r['stream']}",
-        f"answered {r['answered']}, errors {r['errors']}" + (f" {r['error_kinds']}" if r["errors"] else ""),
+        f"answered {r['answered']}, errors {r['errors']}",
+        *(f"  {n} x {why}" for why, n in r["error_kinds"].items()),
         f"requests/s {r['requests_per_s']:.2f} (wall {r['wall_s']:.2f} s)",
         f"latency p50 {r['p50_latency_s']:.3f} s, p99 {r['p99_latency_s']:.3f} s" if r["answered"] else "latency -",
         f"batch sizes seen (rows per forward pass: count) {r['batch_sizes']}; mean {r['mean_batch']:.1f}, "
@@ -313,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=5, help="requests per client, sent one after another")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--stream", choices=["none", "half", "all"], default="half")
+    p.add_argument("--prompt", help="one prompt for every request (default: 'Client <c> asks question <r>:' "
+                                    "in letters)")
     p.add_argument("--server-args", default="", help="extra `gptkit serve` options, e.g. '--max-batch 64'")
     p.add_argument("--fairness", action="store_true", help="measure short requests' TTFT while long ones run")
     p.add_argument("--long", type=int, default=4, help="--fairness: long streaming requests (default 4)")
@@ -327,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     def go(url: str) -> dict:
         if a.fairness:
             return run_fairness(url, a.long, a.long_n, a.long_max_tokens, a.short, a.max_tokens, a.api_key)
-        return run_load(url, a.clients, a.requests, a.max_tokens, a.api_key, a.stream)
+        return run_load(url, a.clients, a.requests, a.max_tokens, a.api_key, a.stream, prompt=a.prompt)
 
     if a.model:
         with ServerProcess(a.model, a.api_key, a.server_args.split()) as srv:
