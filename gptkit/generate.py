@@ -63,6 +63,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()  # besides the tokenizer's <|endoftext|>
     ignore_eot: bool = False  # keep going past <|endoftext|> (benchmarks)
     seed: int | None = None
+    logprobs: int | None = None  # OpenAI's: each new token's logprob and the top-N alternatives (None: off)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -98,6 +99,8 @@ class Event:
     text: str  # newly completed text; may be "" while a character or a possible stop string is pending
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOT, stop token or string, cancel) | "length"
+    logprob: float | None = None  # with params.logprobs: the token's log-probability under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # ... and the N most likely (id, logprob)
 
 
 @dataclass
@@ -419,7 +422,9 @@ class Generation:
         rows = self.active + self.windowed
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         tokens = self.sampler.choose(rows, logits)  # (B,) on the CPU
-        events.extend(r.accept(t) for r, t in zip(rows, tokens.tolist()))
+        new = [r.accept(t) for r, t in zip(rows, tokens.tolist())]
+        _attach_logprobs(rows, logits, tokens, new)
+        events.extend(new)
         return events
 
     def completions(self) -> list[Completion]:
@@ -497,8 +502,43 @@ class Generation:
 
 
 def _reshapes_logits(sp: SamplingParams) -> bool:
-    """Does this row change logits beyond the top-k (penalties, bias), so all V of them are needed?"""
-    return sp.repetition_penalty != 1.0 or bool(sp.presence_penalty or sp.frequency_penalty or sp.logit_bias)
+    """Does this row need all V logits exact (penalties, bias, or logprobs asked for)?"""
+    return (sp.repetition_penalty != 1.0 or bool(sp.presence_penalty or sp.frequency_penalty or sp.logit_bias)
+            or sp.logprobs is not None)
+
+
+def top_logprobs(logp: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    """The n most likely (token id, logprob) of one position's log-probabilities (V,)."""
+    if n <= 0:
+        return []
+    v, i = logp.topk(min(n, logp.size(-1)))
+    return list(zip(i.tolist(), v.tolist()))
+
+
+def _attach_logprobs(rows: list[_Row], logits: torch.Tensor, tokens: torch.Tensor, events: list[Event]) -> None:
+    """Give the events of rows that asked for logprobs their token's logprob and the top-N, from the
+    model's own distribution (log_softmax of the raw logits, before bias, penalties and temperature,
+    as vLLM reports them)."""
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not want:
+        return
+    logp = torch.log_softmax(logits[want].float(), dim=-1).cpu()  # (b, V)
+    for k, i in enumerate(want):
+        t = int(tokens[i])
+        events[i].logprob = float(logp[k, t])
+        events[i].top_logprobs = top_logprobs(logp[k], rows[i].params.logprobs)
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: GPT, ids: Sequence[int], n: int) -> tuple[list[float | None], list[list | None]]:
+    """The logprob of each prompt token given the ones before it, from one forward pass over the
+    prompt, and the top-n (id, logprob) at each position; the first token has neither (None)."""
+    device = model.transformer.wte.weight.device
+    logits = model(torch.tensor([list(ids)], device=device))[0, :-1].float()  # (T-1, V)
+    logp = torch.log_softmax(logits, dim=-1).cpu()
+    nxt = torch.tensor(list(ids[1:]), dtype=torch.long)
+    chosen = logp.gather(1, nxt[:, None])[:, 0].tolist() if len(ids) > 1 else []
+    return [None, *chosen], [None, *(top_logprobs(logp[t], n) for t in range(len(ids) - 1))]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from pathlib import Path
 from gptkit.serve.metrics import ServeMetrics
 from gptkit.serve.protocol import (MAX_BODY, APIError, ShuttingDown, _SafeTokenizer, api_error, body_too_large,
                                    check_api_key, completion_choice, completion_chunk, completion_response,
-                                   decode_json, model_card, models_list, parse_completion_request, route_error,
-                                   token_usage)
+                                   decode_json, legacy_logprobs, model_card, models_list, parse_completion_request,
+                                   route_error, token_usage)
 from gptkit.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger("gptkit.serve")
@@ -203,10 +203,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         events: asyncio.Queue = asyncio.Queue()
         rows = [p for p in req.prompts for _ in range(req.n)]  # row = prompt * n + choice
         job = Job(rows, req.params, lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+        if req.echo and req.logprobs is not None:
+            job.prompt_logprobs = req.logprobs
         scheduler.submit(job)  # raises Overloaded or ShuttingDown (503) when it cannot take it
         prompt_tokens = sum(len(p) for p in req.prompts)  # once per prompt, whatever n is
         metrics.prompt_tokens(prompt_tokens)
-        answer = _Answer(request, scheduler, job, events, model_name, prompt_tokens)
+        answer = _Answer(request, scheduler, job, events, model_name, prompt_tokens, req, tokenizer)
         if req.stream:
             return StreamingResponse(answer.sse(req.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -260,11 +262,37 @@ class _Answer:
     so its rows leave the batch."""
 
     def __init__(self, request, scheduler: Scheduler, job: Job, events: asyncio.Queue, model_name: str,
-                 prompt_tokens: int):
+                 prompt_tokens: int, req=None, tokenizer=None):
         self.request, self.scheduler, self.job, self.events = request, scheduler, job, events
         self.rid, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
         self.prompt_tokens = prompt_tokens
         self.left = job.rows  # rows not finished yet
+        self.req, self.tokenizer = req, tokenizer
+        self.want_logprobs = req is not None and req.logprobs is not None
+        # per row: generated (token, logprob, top) when logprobs were asked for
+        self.scores: list[list] = [[] for _ in range(job.rows)]
+
+    def choice(self, row: int, text: str, reason: str | None) -> dict:
+        """One row's whole choice: with echo the prompt's text (and tokens) come first; with logprobs
+        OpenAI's legacy object, offsets counted in this choice's text."""
+        req, tok = self.req, self.tokenizer
+        p = row // req.n if req is not None else 0
+        prompt_text = ""
+        if req is not None and req.echo:
+            prompt_text = req.texts[p] if req.texts[p] is not None else tok.decode(req.prompts[p])
+        c = completion_choice(row, prompt_text + text, reason)
+        if self.want_logprobs:
+            ids, lps, tops = [], [], []
+            if req.echo:
+                ids = list(req.prompts[p])
+                lps, tops = map(list, self.job.scored[row]) if row in self.job.scored else (
+                    [None] * len(ids), [None] * len(ids))
+            for t, lp, top in self.scores[row]:
+                ids.append(t)
+                lps.append(lp)
+                tops.append(top)
+            c["logprobs"] = legacy_logprobs(tok, ids, lps, tops)
+        return c
 
     def usage(self) -> dict:
         return token_usage(self.prompt_tokens, self.job.completion_tokens)
@@ -286,6 +314,8 @@ class _Answer:
                         raise self.failed(item)
                     for ev in item:
                         texts[ev.index].append(ev.text)
+                        if ev.logprob is not None:
+                            self.scores[ev.index].append((ev.token, ev.logprob, ev.top_logprobs))
                         if ev.finished:
                             reasons[ev.index] = ev.finish_reason or "length"
                             self.left -= 1
@@ -296,7 +326,7 @@ class _Answer:
                 self.scheduler.cancel(self.job)
         if self.left:
             return None
-        choices = [completion_choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
+        choices = [self.choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
         return completion_response(self.rid, self.created, self.model, choices, self.usage())
 
     async def sse(self, include_usage: bool):
@@ -317,7 +347,12 @@ class _Answer:
                     out = []
                     for ev in item:
                         reason = ev.finish_reason if ev.finished else None
-                        out.append(chunk([completion_choice(ev.index, ev.text, reason)]))
+                        c = completion_choice(ev.index, ev.text, reason)
+                        if self.want_logprobs:
+                            c["logprobs"] = (legacy_logprobs(self.tokenizer, [ev.token], [ev.logprob],
+                                                             [ev.top_logprobs]) if ev.logprob is not None
+                                             else legacy_logprobs(self.tokenizer, [], [], []))
+                        out.append(chunk([c]))
                         self.left -= ev.finished
                     yield "".join(out)
                     if not self.left:

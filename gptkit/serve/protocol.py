@@ -24,6 +24,7 @@ from gptkit.serve.config import ServeConfig
 
 MAX_BODY = 4 << 20  # bytes of JSON a request may send
 MAX_STOP = 16  # stop strings a request may give
+MAX_PROMPTS = 4096  # prompts in one request (they queue behind max_rows_per_request running rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +130,9 @@ class CompletionRequest:
     params: list[SamplingParams]  # one per row (prompt-major: row = prompt * n + choice)
     stream: bool
     include_usage: bool
+    echo: bool = False  # the prompt comes first in each choice's text (and logprobs)
+    logprobs: int | None = None  # OpenAI's legacy logprobs: top-N alternatives per token (None: off)
+    texts: list | None = None  # each prompt as the client gave it (str), or None for token ids
 
 
 def _is_int(v) -> bool:
@@ -156,8 +160,8 @@ BOOL = (lambda v: isinstance(v, bool), "true or false")
 OBJECT = (lambda v: isinstance(v, dict), "an object")
 
 # OpenAI's fields gptkit does not implement: refused rather than silently ignored (key -> accepted values)
-UNSUPPORTED = (("echo", lambda v: v in (None, False)), ("suffix", lambda v: v is None),
-               ("logprobs", lambda v: v in (None, 0)))
+UNSUPPORTED = (("suffix", lambda v: v is None),)
+MAX_LOGPROBS = 5  # OpenAI's legacy limit on `logprobs`
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as vLLM's _SAMPLING_EPS: logits / 1e-40 overflow
@@ -237,16 +241,26 @@ def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: 
     if not isinstance(include_usage, bool):
         raise APIError(400, "'stream_options.include_usage' must be true or false", "stream_options", "invalid_type")
     stop = _parse_stop(body.get("stop"))
+    echo = _field(body, "echo", False, BOOL)
+    logprobs = _field(body, "logprobs", None, INT, (lambda v: 0 <= v <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"))
+    if echo and stream:  # the prompt's text and logprobs are not streamed (documented in the README)
+        raise APIError(400, "'echo' with 'stream' is not supported by gptkit serve; send it without 'stream'", "echo",
+                       "unsupported_parameter")
 
     prompts = _parse_prompts(body.get("prompt"), tokenizer)
-    rows = len(prompts) * n
-    if rows > config.max_rows_per_request:
-        raise APIError(400, f"{len(prompts)} prompt(s) x n={n} = {rows} completions, more than one request may ask "
-                       f"for on this server ({config.max_rows_per_request})", "n", "invalid_value")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"{len(prompts)} prompts, more than one request may send ({MAX_PROMPTS})", "prompt",
+                       "invalid_value")
+    # a request's rows beyond max_rows_per_request wait for its own rows to finish (a long prompt list,
+    # as lm-evaluation-harness sends, queues); only one prompt's n must fit at once
+    rows = n
+    if n > config.max_rows_per_request:
+        raise APIError(400, f"n={n} completions of one prompt, more than one request may ask for at once on this "
+                       f"server ({config.max_rows_per_request})", "n", "invalid_value")
     budget = config.request_token_budget
     if max_tokens is not None and rows * max_tokens > budget:
-        raise APIError(400, f"{rows} completion(s) x max_tokens={max_tokens} = {rows * max_tokens} tokens, more than "
-                       f"one request may ask for on this server ({budget})", "max_tokens", "invalid_value")
+        raise APIError(400, f"n={rows} completion(s) x max_tokens={max_tokens} = {rows * max_tokens} tokens, more "
+                       f"than one prompt may ask for on this server ({budget})", "max_tokens", "invalid_value")
     room = block_size - 1
     per_token = _max_token_bytes(tokenizer)
     for i, p in enumerate(prompts):  # a cheap lower bound on the tokens before tokenizing
@@ -274,7 +288,11 @@ def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: 
     params = [SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop), seed=None if seed is None else seed + j,
                              **sampling)
               for _ in ids for j in range(n)]
-    return CompletionRequest(ids, n, params, stream, include_usage)
+    if logprobs is not None:
+        for p in params:
+            p.logprobs = logprobs
+    return CompletionRequest(ids, n, params, stream, include_usage, echo, logprobs,
+                             [p if isinstance(p, str) else None for p in prompts])
 
 
 def _parse_logit_bias(bias, vocab_size: int) -> dict[int, float] | None:
@@ -388,6 +406,29 @@ def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+def token_text(tokenizer, t: int) -> str:
+    """One token as text (a token that ends inside a UTF-8 character shows the replacement character)."""
+    return tokenizer.decode([t])
+
+
+def legacy_logprobs(tokenizer, ids: list[int], token_logprobs: list, tops: list, offset: int = 0) -> dict:
+    """OpenAI's legacy logprobs object for tokens `ids`: {tokens, token_logprobs, top_logprobs,
+    text_offset}. `tops[i]` is a list of (id, logprob) (None stays null); the token itself is always
+    among its position's alternatives, as OpenAI returns it. Offsets count characters from `offset`."""
+    tokens = [token_text(tokenizer, t) for t in ids]
+    top_out, offsets = [], []
+    for t, s, lp, top in zip(ids, tokens, token_logprobs, tops):
+        offsets.append(offset)
+        offset += len(s)
+        if top is None:
+            top_out.append(None)
+            continue
+        d = {token_text(tokenizer, i): v for i, v in top}
+        d.setdefault(s, lp)
+        top_out.append(d)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_out, "text_offset": offsets}
 
 
 def completion_response(rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:

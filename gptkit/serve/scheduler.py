@@ -31,7 +31,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from gptkit.generate import Event, Generation, SamplingParams
+from gptkit.generate import Event, Generation, SamplingParams, prompt_logprobs
 from gptkit.serve.config import ServeConfig
 from gptkit.serve.protocol import Overloaded, ShuttingDown
 
@@ -67,6 +67,9 @@ class Job:
     submitted_step: int = -1  # the scheduler's step count when it was submitted (tests: time in steps)
     first_token_step: int | None = None
     first_token_at: float | None = None
+    running: int = 0  # rows in the batch now (at most max_rows_per_request: a long prompt list queues)
+    prompt_logprobs: int | None = None  # echo + logprobs: score each prompt (top-N) before its row starts
+    scored: dict = field(default_factory=dict)  # row -> (token logprobs, top (id, logprob)) of its prompt
 
     @property
     def rows(self) -> int:
@@ -221,8 +224,7 @@ class Scheduler:
             self.waiting.clear()
         self.owners, self.parked = {}, {}
         self.gen = self._new_generation()
-        with self.cond:
-            self.running_rows = 0
+        self.running_rows = 0  # the scheduler thread is the only writer
         self._fail([j for j in jobs.values() if not j.cancelled], ShuttingDown("the server shut down"))
 
     def _drop_cancelled_locked(self) -> None:
@@ -253,12 +255,15 @@ class Scheduler:
         if free <= 0 and self.can_preempt:
             free += self._preempt_locked()
         taken = []
-        while free > 0 and self.waiting:
-            for j in list(self.waiting):  # one row per request per turn
-                if free <= 0:
+        cap, progress = self.config.max_rows_per_request, True
+        while free > 0 and self.waiting and progress:
+            progress = False
+            for j in [j for j in self.waiting if j.running < cap]:  # one row per request per turn; a request
+                if free <= 0:  # with max_rows_per_request rows running waits for them to finish
                     break
                 taken.append((j, j.pending.popleft()))
-                j.started = True
+                j.started, progress = True, True
+                j.running += 1
                 free -= 1
                 if not j.pending:
                     self.waiting.remove(j)
@@ -272,6 +277,7 @@ class Scheduler:
             owner = self.owners.pop(i)
             self.gen.park(i)
             self.parked[i] = owner
+            owner[0].running -= 1
             owner[0].pending.append(("parked", i))
             if owner[0] not in self.waiting:
                 self.waiting.append(owner[0])
@@ -291,6 +297,8 @@ class Scheduler:
                     self.owners[x] = self.parked.pop(x)
                     self.row_run[x] = 0
                 else:
+                    if j.prompt_logprobs is not None:
+                        j.scored[x] = score_prompt(self.model, j, x)
                     i = self.gen.add(j.prompts[x], j.params[x])
                     self.owners[i] = (j, x)
                     self.row_run[i] = 0
@@ -370,6 +378,15 @@ class Scheduler:
             pass
 
 
+def score_prompt(model, j: Job, x: int):
+    """The logprobs of row x's prompt (echo + logprobs): one forward pass, shared by the rows of the
+    same prompt."""
+    for y, got in j.scored.items():
+        if j.prompts[y] == j.prompts[x]:
+            return got
+    return prompt_logprobs(model, j.prompts[x], j.prompt_logprobs)
+
+
 def preemption_plan(waiting, owners: dict[int, tuple[Job, int]], row_run: dict[int, int], quantum: int) -> list[int]:
     """The running rows (generation indices) to park for the waiting requests. A row may be parked
     once it generated `quantum` tokens since it (re)started, and only for a request that has been
@@ -418,10 +435,11 @@ def _route_events(s: Scheduler, events: list[Event], now: float):
             s.row_last.pop(ev.index, None)
             rows_done += 1
             j.left -= 1
+            j.running -= 1
             if j.left == 0:
                 jobs_done += 1
                 if s.metrics is not None and not j.cancelled:
                     s.metrics.request_done(now - j.arrived)
-        if ev.text or ev.finished:
+        if ev.text or ev.finished or ev.logprob is not None:
             per_job.setdefault(id(j), (j, []))[1].append(replace(ev, index=r))
     return per_job, rows_done, jobs_done, tokens
