@@ -152,3 +152,40 @@ def test_streamed_logprobs_match_the_whole_answer(client):
         if chunk.choices and chunk.choices[0].logprobs:
             got += chunk.choices[0].logprobs.token_logprobs
     assert got == pytest.approx(whole.token_logprobs)
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM's tokenizer endpoints, against transformers' GPT-2 tokenizer built from the same vocabulary
+
+def test_tokenize_and_detokenize_match_the_gpt2_tokenizer(server):
+    text = "Hello world, <|endoftext|> and ünïcode"
+    status, out = post(server, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    want = _gpt2().enc.encode(text, allowed_special="all")
+    assert status == 200 and out["tokens"] == want and out["count"] == len(want) and out["max_model_len"] == 64
+    assert 50256 in want  # the special token's text is its id, as HF's GPT-2 tokenizer encodes it
+    status, out = post(server, "/detokenize", {"tokens": want})
+    assert status == 200 and out["prompt"] == text
+
+
+def test_tokenizer_info_names_eos(server):
+    with urllib.request.urlopen(server.url + "/tokenizer_info", timeout=30) as r:
+        info = json.loads(r.read())
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64 and info["chat_template"] is None
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/tokenize", {"prompt": 3}, "prompt"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens"),
+    ("/detokenize", {"tokens": [1, -1]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+])
+def test_bad_tokenizer_requests_are_400(server, path, body, param):
+    status, out = post(server, path, body)
+    assert status == 400 and out["error"]["param"] == param, out
+
+
+def test_lm_eval_remote_tokenizer_reads_the_server(server):
+    utils = pytest.importorskip("lm_eval.utils")
+    rt = utils.RemoteTokenizer(server.url + "/v1/completions")
+    assert rt.eos_token_id == 50256 and rt.encode("Hello world") == _gpt2().encode("Hello world")
+    assert rt.decode([15496, 995]) == "Hello world"

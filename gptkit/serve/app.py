@@ -35,11 +35,13 @@ from gptkit.serve.protocol import (MAX_BODY, APIError, ShuttingDown, _SafeTokeni
                                    check_api_key, completion_choice, completion_chunk, completion_response,
                                    decode_json, legacy_logprobs, model_card, models_list, parse_completion_request,
                                    route_error, token_usage)
+from gptkit.serve.protocol import detokenize, tokenize, tokenizer_info
 from gptkit.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger("gptkit.serve")
 STATIC = Path(__file__).parent / "static"
-ROUTES = ("/", "/health", "/stats", "/metrics", "/v1/models", "/v1/completions")  # metric labels; others: "other"
+ROUTES = ("/", "/health", "/stats", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+          "/detokenize", "/tokenizer_info")  # metric labels; others: "other"
 
 
 class _ClientGone(Exception):
@@ -190,6 +192,23 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def model(model_id: str, request: Request):
         check_key(request)
         return model_card(model_name, started, model_id)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        check_key(request)
+        body = decode_json(await _read_body(request, config.body_timeout_s))
+        return await asyncio.to_thread(tokenize, body, tokenizer, block_size)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        check_key(request)
+        body = decode_json(await _read_body(request, config.body_timeout_s))
+        return await asyncio.to_thread(detokenize, body, tokenizer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request):
+        check_key(request)
+        return tokenizer_info(tokenizer, block_size)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -397,6 +397,60 @@ class _SafeTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
+# vLLM's tokenizer endpoints (what lm-evaluation-harness's `tokenizer_backend=remote` calls)
+
+def _body_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+def tokenize(body: Any, tokenizer, block_size: int) -> dict:
+    """POST /tokenize {prompt, add_special_tokens} -> {count, max_model_len, tokens}. Special-token
+    text (GPT-2's <|endoftext|>) becomes its id, as Hugging Face tokenizers (and so vLLM) encode it."""
+    body = _body_object(body)
+    text = body.get("prompt")
+    if not isinstance(text, str):
+        raise APIError(400, "'prompt' must be a string", "prompt", "invalid_type")
+    add_special = _field(body, "add_special_tokens", True, BOOL)
+    tok = getattr(tokenizer, "_tok", tokenizer)
+    try:
+        if getattr(tok, "enc", None) is not None:  # tiktoken (GPT-2): no bos is ever added, as in HF's GPT-2
+            ids = tok.enc.encode(text, allowed_special="all")
+        else:
+            try:
+                ids = tok.encode(text, add_special_tokens=add_special)
+            except TypeError:  # a tokenizer without special tokens to add (chars)
+                ids = tok.encode(text)
+    except GptkitError as e:
+        raise APIError(400, f"{e.what}; {e.hint}", "prompt", "invalid_value") from None
+    return {"count": len(ids), "max_model_len": block_size, "tokens": ids, "token_strs": None}
+
+
+def detokenize(body: Any, tokenizer) -> dict:
+    """POST /detokenize {tokens} -> {prompt}."""
+    ids = _body_object(body).get("tokens")
+    vocab = tokenizer.vocab_size
+    if not (isinstance(ids, list) and all(_is_int(t) and 0 <= t < vocab for t in ids)):
+        raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", "tokens", "invalid_value")
+    return {"prompt": tokenizer.decode(ids)}
+
+
+def tokenizer_info(tokenizer, block_size: int) -> dict:
+    """GET /tokenizer_info: the special tokens (lm-eval reads eos_token, bos_token, pad_token), the
+    context length and the chat template's source (null when the model has none)."""
+    tok = getattr(tokenizer, "_tok", tokenizer)
+    special = dict(getattr(tok, "special", None) or {})
+    if not special and getattr(tok, "enc", None) is not None:  # GPT-2, as its tokenizer_config.json says
+        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    template = getattr(tok, "chat_template", None)
+    return {"tokenizer_class": type(tok).__name__, "eos_token": special.get("eos_token"),
+            "bos_token": special.get("bos_token"), "pad_token": special.get("pad_token"),
+            "unk_token": special.get("unk_token"), "model_max_length": block_size,
+            "vocab_size": tokenizer.vocab_size, "chat_template": getattr(template, "source", template)}
+
+
+# ----------------------------------------------------------------------------------------------
 # responses
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
