@@ -247,7 +247,8 @@ def _validate(p):
     return run
 
 
-@command("serve", "serve a model over an OpenAI-compatible HTTP API (/v1/completions), batching requests")
+@command("serve", "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), "
+                  "batching requests")
 def _serve(p):
     p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -261,10 +262,10 @@ def _serve(p):
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="gather requests arriving this close together into one batch (default 2)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
-    p.add_argument("--max-rows-per-request", type=int, help="prompts x n one request may ask for "
-                   "(default: half of --max-batch)")
+    p.add_argument("--max-rows-per-request", type=int, help="rows (prompts x n) of one request that run at once; "
+                   "more prompts wait for them, n above it is refused (default: half of --max-batch)")
     p.add_argument("--request-token-budget", type=int, default=32768,
-                   help="prompts x n x max_tokens one request may ask for (default 32768)")
+                   help="n x max_tokens one prompt may ask for (default 32768)")
     p.add_argument("--preempt-after", type=int, default=32, help="a row that generated this many tokens may be "
                    "parked for a waiting request that was served less, and resumed later (default 32; 0: never)")
     p.add_argument("--batch-invariant", action="store_true", help="run every row on its own, so its tokens never "
@@ -281,6 +282,8 @@ def _serve(p):
                    help="allow this web origin to call the API from a browser (repeatable; default: none)")
     p.add_argument("--debug-step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (e.g. chat_template.jinja) for "
+                   "/v1/chat/completions, replacing the model's own (GPT-2 has none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
                    help="weight precision for inference")
@@ -297,7 +300,8 @@ def _serve(p):
                                 cors_origins=tuple(a.cors_origin),
                                 step_delay_s=a.debug_step_delay_ms / 1000)
         key = a.api_key if a.api_key is not None else os.environ.get("GPTKIT_API_KEY")
-        serve.serve(a.model, a.host, a.port, key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads)
+        serve.serve(a.model, a.host, a.port, key, a.model_name, cfg, a.vocab, a.device, a.dtype, a.threads,
+                    a.chat_template)
     return run
 
 

@@ -35,7 +35,8 @@ from gptkit.serve.protocol import (MAX_BODY, APIError, ShuttingDown, _SafeTokeni
                                    check_api_key, completion_choice, completion_chunk, completion_response,
                                    decode_json, legacy_logprobs, model_card, models_list, parse_completion_request,
                                    route_error, token_usage)
-from gptkit.serve.protocol import detokenize, tokenize, tokenizer_info
+from gptkit.serve.protocol import (chat_chunk, chat_choice, chat_delta, chat_response, detokenize,
+                                   parse_chat_request, tokenize, tokenizer_info)
 from gptkit.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger("gptkit.serve")
@@ -153,6 +154,9 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
         return error_response(api_error(e))
 
+    def has_chat_template() -> bool:
+        return getattr(scheduler.tokenizer, "chat_template", None) is not None
+
     def check_key(request: Request) -> None:
         raw = dict(request.scope["headers"]).get(b"authorization", b"")
         check_api_key(raw, api_key)
@@ -186,12 +190,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return models_list(model_name, started)
+        return models_list(model_name, started, has_chat_template())
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         check_key(request)
-        return model_card(model_name, started, model_id)
+        return model_card(model_name, started, model_id, has_chat_template())
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request):
@@ -212,12 +216,19 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await answer(request, parse_completion_request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answer(request, parse_chat_request, chat=True)
+
+    async def answer(request: Request, parse, chat: bool):
         check_key(request)
         if scheduler.draining:  # before reading anything
             raise ShuttingDown()
         body = decode_json(await _read_body(request, config.body_timeout_s))
         # limits are checked first, then the prompts tokenized, off the event loop
-        req = await asyncio.to_thread(parse_completion_request, body, tokenizer, block_size, model_name, config)
+        req = await asyncio.to_thread(parse, body, tokenizer, block_size, model_name, config)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         rows = [p for p in req.prompts for _ in range(req.n)]  # row = prompt * n + choice
@@ -227,11 +238,11 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         scheduler.submit(job)  # raises Overloaded or ShuttingDown (503) when it cannot take it
         prompt_tokens = sum(len(p) for p in req.prompts)  # once per prompt, whatever n is
         metrics.prompt_tokens(prompt_tokens)
-        answer = _Answer(request, scheduler, job, events, model_name, prompt_tokens, req, tokenizer)
+        ans = _Answer(request, scheduler, job, events, model_name, prompt_tokens, req, tokenizer, chat)
         if req.stream:
-            return StreamingResponse(answer.sse(req.include_usage), media_type="text/event-stream",
+            return StreamingResponse(ans.sse(req.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await answer.json()
+        return await ans.json()
 
     wrapped = app
     if config.cors_origins:
@@ -281,9 +292,11 @@ class _Answer:
     so its rows leave the batch."""
 
     def __init__(self, request, scheduler: Scheduler, job: Job, events: asyncio.Queue, model_name: str,
-                 prompt_tokens: int, req=None, tokenizer=None):
+                 prompt_tokens: int, req=None, tokenizer=None, chat: bool = False):
         self.request, self.scheduler, self.job, self.events = request, scheduler, job, events
-        self.rid, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        self.chat = chat
+        self.rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created, self.model = int(time.time()), model_name
         self.prompt_tokens = prompt_tokens
         self.left = job.rows  # rows not finished yet
         self.req, self.tokenizer = req, tokenizer
@@ -294,6 +307,8 @@ class _Answer:
     def choice(self, row: int, text: str, reason: str | None) -> dict:
         """One row's whole choice: with echo the prompt's text (and tokens) come first; with logprobs
         OpenAI's legacy object, offsets counted in this choice's text."""
+        if self.chat:
+            return chat_choice(row, text, reason)
         req, tok = self.req, self.tokenizer
         p = row // req.n if req is not None else 0
         prompt_text = ""
@@ -346,15 +361,32 @@ class _Answer:
         if self.left:
             return None
         choices = [self.choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
-        return completion_response(self.rid, self.created, self.model, choices, self.usage())
+        return (chat_response if self.chat else completion_response)(self.rid, self.created, self.model, choices,
+                                                                     self.usage())
+
+    def streamed_choice(self, ev, first: bool) -> dict:
+        """One event as a streamed choice: a chat `delta`, or a completion's text (with its token's
+        legacy logprobs when asked for)."""
+        reason = ev.finish_reason if ev.finished else None
+        if self.chat:
+            return chat_delta(ev.index, ev.text, reason, first)
+        c = completion_choice(ev.index, ev.text, reason)
+        if self.want_logprobs:
+            got = ev.logprob is not None
+            c["logprobs"] = legacy_logprobs(self.tokenizer, [ev.token] if got else [], [ev.logprob] if got else [],
+                                            [ev.top_logprobs] if got else [])
+        return c
 
     async def sse(self, include_usage: bool):
         """Server-sent events: one chunk per row and step with new text (a row's last chunk carries its
         finish_reason), then a usage chunk if `stream_options.include_usage`, then `data: [DONE]`.
         An error after the 200 is an error event, then [DONE]."""
         def chunk(choices, usage=None) -> str:
-            d = completion_chunk(self.rid, self.created, self.model, choices, include_usage, usage)
+            d = (chat_chunk if self.chat else completion_chunk)(self.rid, self.created, self.model, choices,
+                                                               include_usage, usage)
             return _sse_event(d)
+
+        started = set()  # chat rows that sent their first chunk (it names the role)
 
         try:
             async with contextlib.aclosing(_job_events(self.request, self.events)) as batches:
@@ -365,13 +397,8 @@ class _Answer:
                     # one choice per chunk, as OpenAI streams n > 1 (clients read chunk.choices[0])
                     out = []
                     for ev in item:
-                        reason = ev.finish_reason if ev.finished else None
-                        c = completion_choice(ev.index, ev.text, reason)
-                        if self.want_logprobs:
-                            c["logprobs"] = (legacy_logprobs(self.tokenizer, [ev.token], [ev.logprob],
-                                                             [ev.top_logprobs]) if ev.logprob is not None
-                                             else legacy_logprobs(self.tokenizer, [], [], []))
-                        out.append(chunk([c]))
+                        out.append(chunk([self.streamed_choice(ev, ev.index not in started)]))
+                        started.add(ev.index)
                         self.left -= ev.finished
                     yield "".join(out)
                     if not self.left:

@@ -295,6 +295,53 @@ def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: 
                              [p if isinstance(p, str) else None for p in prompts])
 
 
+CHAT_UNSUPPORTED = (("logprobs", lambda v: v in (None, False)), ("top_logprobs", lambda v: v in (None, 0)),
+                    ("tools", lambda v: not v), ("tool_choice", lambda v: v in (None, "none")),
+                    ("response_format", lambda v: v is None or v == {"type": "text"}))
+
+
+def parse_chat_request(body: Any, tokenizer, block_size: int, model_name: str,
+                       config: ServeConfig) -> CompletionRequest:
+    """Check an OpenAI /v1/chat/completions body: the messages rendered by the model's chat template
+    as transformers' apply_chat_template(messages, add_generation_prompt=True) renders them, then
+    tokenized as it does (no special tokens added: the template writes them), and the other fields
+    checked as /v1/completions checks them. Generation also stops at the template's end of turn.
+    No template, an unknown role or a template that raises is a 400."""
+    from gptkit.chat_template import chat_stops, require_chat_template
+
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    for key, ok in CHAT_UNSUPPORTED:
+        if not ok(body.get(key)):
+            raise APIError(400, f"'{key}' is not supported by gptkit serve's chat", key, "unsupported_parameter")
+    tok = getattr(tokenizer, "_tok", tokenizer)
+    try:
+        template = require_chat_template(tok, "the served model")
+    except GptkitError as e:
+        raise APIError(400, f"{e.what}; {e.hint} when starting gptkit serve", "messages", "no_chat_template") from None
+    try:
+        text = template.render(body.get("messages"), add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+    except GptkitError as e:
+        raise APIError(400, f"{e.what}; {e.hint}", "messages", "invalid_value") from None
+    dropped = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+               "response_format", "echo", "suffix")  # chat's own fields, checked above, or none of chat's
+    inner = {k: v for k, v in body.items() if k not in dropped}
+    inner["prompt"] = ids or [tokenizer.eot if tokenizer.eot is not None else 0]
+    if inner.get("max_tokens") is None:
+        inner["max_tokens"] = body.get("max_completion_tokens")
+    n = body.get("n") if _is_int(body.get("n")) and body["n"] > 0 else 1
+    if inner["max_tokens"] is None:  # OpenAI's chat default: as long as the context allows
+        inner["max_tokens"] = max(1, min(block_size - len(ids), config.max_tokens_limit,
+                                         config.request_token_budget // n))
+    req = parse_completion_request(inner, tokenizer, block_size, model_name, config)
+    stop_ids, stop_strings = chat_stops(tok, template)
+    for p in req.params:
+        p.stop = tuple(dict.fromkeys((*p.stop, *stop_strings)))
+        p.stop_token_ids = tuple(dict.fromkeys((*p.stop_token_ids, *stop_ids)))
+    return req
+
+
 def _parse_logit_bias(bias, vocab_size: int) -> dict[int, float] | None:
     """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
     if bias is None:
@@ -485,6 +532,32 @@ def legacy_logprobs(tokenizer, ids: list[int], token_logprobs: list, tops: list,
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_out, "text_offset": offsets}
 
 
+def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+            "logprobs": None}
+
+
+def chat_response(rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
+    """A whole /v1/chat/completions answer."""
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage}
+
+
+def chat_chunk(rid: str, created: int, model: str, choices: list[dict], include_usage: bool,
+               usage: dict | None = None) -> dict:
+    """One streamed piece of a chat answer: choices carry a `delta` (see `chat_delta`)."""
+    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if include_usage:
+        d["usage"] = usage
+    return d
+
+
+def chat_delta(index: int, text: str, finish_reason: str | None, first: bool) -> dict:
+    """A streamed chat choice: the row's first chunk names the role, as OpenAI's do."""
+    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+
 def completion_response(rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
     """A whole /v1/completions answer."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
@@ -501,13 +574,15 @@ def completion_chunk(rid: str, created: int, model: str, choices: list[dict], in
     return d
 
 
-def models_list(model_name: str, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model_name, created)]}
+def models_list(model_name: str, created: int, chat_template: bool = False) -> dict:
+    return {"object": "list", "data": [model_card(model_name, created, chat_template=chat_template)]}
 
 
-def model_card(model_name: str, created: int, asked: str | None = None) -> dict:
-    """`GET /v1/models/{id}`: the model, or a 404 for another id."""
+def model_card(model_name: str, created: int, asked: str | None = None, chat_template: bool = False) -> dict:
+    """`GET /v1/models/{id}`: the model, or a 404 for another id. `chat_template` (an extension): whether
+    /v1/chat/completions is available (the playground shows its chat mode then)."""
     if asked is not None and asked != model_name:
         raise APIError(404, f"the model '{asked[:200]}' does not exist; this server serves '{model_name}'", "model",
                        "model_not_found")
-    return {"id": model_name, "object": "model", "created": created, "owned_by": "gptkit"}
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "gptkit",
+            "chat_template": chat_template}

@@ -196,8 +196,9 @@ class Server:
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, config: ServeConfig | None = None, vocab: str | None = None,
-          device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
-    """`gptkit serve`: load the model and serve it until SIGTERM or SIGINT (then shut down gracefully)."""
+          device: str = "auto", dtype: str = "float32", threads: int = 0, chat_template: str | None = None) -> None:
+    """`gptkit serve`: load the model and serve it until SIGTERM or SIGINT (then shut down gracefully).
+    `chat_template`: a template file for /v1/chat/completions, replacing the model's own."""
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -226,6 +227,10 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     setup_threads(threads)
     _log_to_stderr()
     model, tok, default_name = load_for_serving(model_path, vocab, device, dtype)
+    if chat_template:
+        from gptkit.chat_template import load_chat_template
+
+        tok.chat_template = load_chat_template(chat_template, tok)
     name = model_name or default_name
     scheduler = Scheduler(model, tok, config).start()
     app = create_app(scheduler, name, api_key, host)
