@@ -1,8 +1,8 @@
 """lm-evaluation-harness itself against `gptkit serve`: `lm_eval --model local-completions` with the
-remote tokenizer, on a multiple-choice task defined in a local YAML over a local jsonl, must score
-what gptkit's multiple-choice scoring gives on the same items (llm.c's: the context's tokens, then the
-tokens of " " + choice; acc = the choice with the largest summed logprob), computed here with
-transformers on the same random model. Needs `lm-eval[api]` (the `lm-eval` extra; CI installs it);
+remote tokenizer, on a multiple-choice task defined in a local YAML over a local jsonl, must give the
+acc `gptkit eval --task mc` gives on the same items (llm.c's scoring: the context's tokens, then the
+tokens of " " + choice; acc = the choice with the largest summed logprob), and each choice's
+loglikelihood must equal transformers' on the same random model. Needs `lm-eval[api]` (the `lm-eval` extra; CI installs it);
 nothing is downloaded (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE)."""
 
 import json
@@ -79,6 +79,12 @@ def test_lm_eval_local_completions_scores_what_gptkit_scores(tmp_path):
     tok = gpt2_tokenizer()
     scores = [reference_scores(ref, tok, i) for i in its]
     want_acc = sum(max(range(4), key=s.__getitem__) == i["label"] for s, i in zip(scores, its)) / len(its)
+    p = subprocess.run([sys.executable, "-m", "gptkit", "eval", "--model", str(tmp_path / "model"), "--task", "mc",
+                        "--data-file", str(tmp_path / "items.jsonl"), "--device", "cpu", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    gptkit_acc = json.loads(p.stdout.strip().splitlines()[-1])["acc"]
+    assert gptkit_acc == pytest.approx(want_acc)
 
     model, stok, _ = load_for_serving(str(tmp_path / "model"), device="cpu")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -92,9 +98,9 @@ def test_lm_eval_local_completions_scores_what_gptkit_scores(tmp_path):
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    assert result["results"]["gptkit_mc"]["acc,none"] == pytest.approx(want_acc)
+    assert result["results"]["gptkit_mc"]["acc,none"] == pytest.approx(gptkit_acc)
     samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_gptkit_mc_*.jsonl")).open()]
     assert len(samples) == len(its)
     for smp in samples:  # each choice's loglikelihood, not only the accuracy
-        got = [r[0][0] for r in smp["resps"]]
+        got = [float(r[0][0]) for r in smp["resps"]]  # lm-eval logs them as strings
         assert got == pytest.approx(scores[smp["doc_id"]], abs=1e-4)
