@@ -115,3 +115,42 @@ def test_playground_streams_the_same_text_as_the_api_and_stop_frees_the_row(brow
     tokens = len(server.scheduler.tokenizer.encode(browser.execute_script(
         "return document.getElementById('output').textContent")))
     assert tokens < 240  # it did stop early
+
+
+def test_playground_chat_mode_shows_with_a_template_and_streams_the_chat_reply(browser, tmp_path):
+    """A server whose model has a chat template: the mode selector shows, and chat mode streams what
+    /v1/chat/completions answers for the same message."""
+    pytest.importorskip("jinja2")
+    data_file("gpt2.tiktoken")
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from gptkit.chat_template import load_chat_template
+    from gptkit.config import GPTConfig
+    from gptkit.model import GPT
+    from gptkit.serve import Server
+    from gptkit.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(1)
+    tok = gpt2_tokenizer()
+    (tmp_path / "chatml.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tok.chat_template = load_chat_template(tmp_path / "chatml.jinja", tok)
+    model = GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+    with Server(model, tok, "tiny-chat") as s:
+        wait = WebDriverWait(browser, 60)
+        browser.get(s.url + "/")
+        wait.until(lambda d: d.find_element("id", "mode_label").is_displayed())
+        Select(browser.find_element("id", "mode")).select_by_value("chat")
+        _fill(browser, "prompt", "Hi there")
+        _fill(browser, "max_tokens", "12")
+        _fill(browser, "temperature", "0")
+        browser.find_element("id", "generate").click()
+        wait.until(lambda d: d.find_element("id", "status").text == "done")
+        req = urllib.request.Request(s.url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"messages": [{"role": "user", "content": "Hi there"}],
+                                                      "max_tokens": 12, "temperature": 0}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            want = json.loads(r.read())["choices"][0]["message"]["content"]
+        assert browser.execute_script("return document.getElementById('output').textContent") == want
