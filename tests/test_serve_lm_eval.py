@@ -2,8 +2,8 @@
 remote tokenizer, on a multiple-choice task defined in a local YAML over a local jsonl, must give the
 acc `gptkit eval --task mc` gives on the same items (llm.c's scoring: the context's tokens, then the
 tokens of " " + choice; acc = the choice with the largest summed logprob), and each choice's
-loglikelihood must equal transformers' on the same random model. Needs `lm-eval[api]` (the `lm-eval` extra; CI installs it);
-nothing is downloaded (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE)."""
+loglikelihood must equal transformers' on the same random model. Needs `lm-eval[api]` (the `lm-eval`
+extra; CI installs it); nothing is downloaded (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE)."""
 
 import json
 import os
