@@ -189,3 +189,12 @@ def test_lm_eval_remote_tokenizer_reads_the_server(server):
     rt = utils.RemoteTokenizer(server.url + "/v1/completions")
     assert rt.eos_token_id == 50256 and rt.encode("Hello world") == _gpt2().encode("Hello world")
     assert rt.decode([15496, 995]) == "Hello world"
+
+
+def test_echo_alone_and_logprobs_0(client):
+    r = client.completions.create(model=NAME, prompt="Just echo me", max_tokens=0, echo=True)
+    assert r.choices[0].text == "Just echo me" and r.choices[0].logprobs is None
+    r = client.completions.create(model=NAME, prompt="Say", max_tokens=3, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and all(top == {t: v} for t, v, top in zip(lp.tokens, lp.token_logprobs,
+                                                                            lp.top_logprobs))
