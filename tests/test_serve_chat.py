@@ -13,12 +13,11 @@ import urllib.request
 import pytest
 import torch
 
+import hf_tokenizers as H
 from conftest import data_file
 
 pytest.importorskip("fastapi")
 pytest.importorskip("jinja2")
-pytest.importorskip("gptkit.chat_template")
-H = pytest.importorskip("hf_tokenizers")
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 

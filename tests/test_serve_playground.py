@@ -121,7 +121,6 @@ def test_playground_chat_mode_shows_with_a_template_and_streams_the_chat_reply(b
     """A server whose model has a chat template: the mode selector shows, and chat mode streams what
     /v1/chat/completions answers for the same message."""
     pytest.importorskip("jinja2")
-    pytest.importorskip("gptkit.chat_template")
     data_file("gpt2.tiktoken")
     from selenium.webdriver.support.ui import Select, WebDriverWait
 

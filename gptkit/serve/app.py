@@ -2,8 +2,9 @@
 
 Routes (INTERFACES.md, "Server"): `GET /` the playground page (assets in `gptkit/serve/static`, no
 network needed); `GET /health` 200; `GET /v1/models` lists the one model, `GET /v1/models/{id}`
-shows it; `POST /v1/completions` answers with OpenAI's JSON, or with server-sent events when
-`stream` is set; `GET /metrics` Prometheus text; `GET /stats` (an extension) reports the batch sizes
+shows it; `POST /v1/completions` and `POST /v1/chat/completions` answer with OpenAI's JSON, or
+with server-sent events when `stream` is set; vLLM's `POST /tokenize`, `POST /detokenize` and
+`GET /tokenizer_info` serve lm-eval's remote tokenizer; `GET /metrics` Prometheus text; `GET /stats` (an extension) reports the batch sizes
 seen, the queue and the server's RSS. Errors are OpenAI's error JSON (`gptkit.serve.protocol`).
 
 A handler reads the body (within `body_timeout_s`), checks it and tokenizes it off the event loop
@@ -154,9 +155,6 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
         return error_response(api_error(e))
 
-    def has_chat_template() -> bool:
-        return getattr(scheduler.tokenizer, "chat_template", None) is not None
-
     def check_key(request: Request) -> None:
         raw = dict(request.scope["headers"]).get(b"authorization", b"")
         check_api_key(raw, api_key)
@@ -190,29 +188,14 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return models_list(model_name, started, has_chat_template())
+        return models_list(model_name, started, _has_chat_template(scheduler))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         check_key(request)
-        return model_card(model_name, started, model_id, has_chat_template())
+        return model_card(model_name, started, model_id, _has_chat_template(scheduler))
 
-    @app.post("/tokenize")
-    async def tokenize_route(request: Request):
-        check_key(request)
-        body = decode_json(await _read_body(request, config.body_timeout_s))
-        return await asyncio.to_thread(tokenize, body, tokenizer, block_size)
-
-    @app.post("/detokenize")
-    async def detokenize_route(request: Request):
-        check_key(request)
-        body = decode_json(await _read_body(request, config.body_timeout_s))
-        return await asyncio.to_thread(detokenize, body, tokenizer)
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info_route(request: Request):
-        check_key(request)
-        return tokenizer_info(tokenizer, block_size)
+    _tokenizer_routes(app, check_key, tokenizer, block_size, config.body_timeout_s)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -253,6 +236,33 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     guard = _Guard(wrapped, allowed_hosts(host, config.allowed_hosts), metrics)
     guard.state = app.state
     return guard
+
+
+def _has_chat_template(scheduler: Scheduler) -> bool:
+    """Whether /v1/chat/completions works (the model's tokenizer has a chat template)."""
+    return getattr(scheduler.tokenizer, "chat_template", None) is not None
+
+
+def _tokenizer_routes(app, check_key, tokenizer, block_size: int, body_timeout: float) -> None:
+    """vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info (lm-eval's remote tokenizer)."""
+    from fastapi import Request
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        check_key(request)
+        body = decode_json(await _read_body(request, body_timeout))
+        return await asyncio.to_thread(tokenize, body, tokenizer, block_size)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        check_key(request)
+        body = decode_json(await _read_body(request, body_timeout))
+        return await asyncio.to_thread(detokenize, body, tokenizer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request):
+        check_key(request)
+        return tokenizer_info(tokenizer, block_size)
 
 
 def _client(request) -> str:

@@ -17,6 +17,7 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any
 
+from gptkit.chat_template import chat_stops, require_chat_template
 from gptkit.errors import GptkitError
 from gptkit.generate import SamplingParams, prepare_prompt
 from gptkit.inference import default_prompt_ids
@@ -307,8 +308,6 @@ def parse_chat_request(body: Any, tokenizer, block_size: int, model_name: str,
     tokenized as it does (no special tokens added: the template writes them), and the other fields
     checked as /v1/completions checks them. Generation also stops at the template's end of turn.
     No template, an unknown role or a template that raises is a 400."""
-    from gptkit.chat_template import chat_stops, require_chat_template
-
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
     for key, ok in CHAT_UNSUPPORTED:
@@ -465,10 +464,7 @@ def tokenize(body: Any, tokenizer, block_size: int) -> dict:
         if getattr(tok, "enc", None) is not None:  # tiktoken (GPT-2): no bos is ever added, as in HF's GPT-2
             ids = tok.enc.encode(text, allowed_special="all")
         else:
-            try:
-                ids = tok.encode(text, add_special_tokens=add_special)
-            except TypeError:  # a tokenizer without special tokens to add (chars)
-                ids = tok.encode(text)
+            ids = tok.encode(text, add_special_tokens=add_special)
     except GptkitError as e:
         raise APIError(400, f"{e.what}; {e.hint}", "prompt", "invalid_value") from None
     return {"count": len(ids), "max_model_len": block_size, "tokens": ids, "token_strs": None}

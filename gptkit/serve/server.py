@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from gptkit.chat_template import load_chat_template
 from gptkit.errors import GptkitError
 from gptkit.inference import load_for_inference
 from gptkit.runtime import setup_threads
@@ -228,8 +229,6 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     _log_to_stderr()
     model, tok, default_name = load_for_serving(model_path, vocab, device, dtype)
     if chat_template:
-        from gptkit.chat_template import load_chat_template
-
         tok.chat_template = load_chat_template(chat_template, tok)
     name = model_name or default_name
     scheduler = Scheduler(model, tok, config).start()
