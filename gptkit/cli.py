@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 # modules, not their functions: a runner looks its library function up when it runs (tests patch them)
-from gptkit import (__version__, bench, config, convert, data, evaluate, inference, plot, prepare, runs, serve, tasks,
-                    tokenizer_train, train, validate)
+from gptkit import (__version__, bench, config, convert, data, evaluate, inference, plot, prepare, runs, serve, sft,
+                    tasks, tokenizer_train, train, validate)
 from gptkit.errors import GptkitError
 
 
@@ -96,10 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 # Subcommands. Each function adds its options to `p` and returns the function that runs it.
 
 
-@command("prepare", "tokenize a preset or text into llm.c token shards + meta.json")
+@command("prepare", "tokenize a preset or text into llm.c token shards + meta.json; `prepare chat` for SFT data")
 def _prepare(p):
     p.add_argument("source", metavar="PRESET_OR_PATH",
-                   help="shakespeare-char, shakespeare, a text file or a folder of .txt files")
+                   help="shakespeare-char, shakespeare, a text file or a folder of .txt files; "
+                        "or `chat FILE.jsonl --model M` (instruction-tuning data, see gptkit/sft.py)")
+    p.add_argument("chat_file", nargs="?", metavar="FILE.jsonl", help="with `chat`: one conversation per line")
+    p.add_argument("--model", help="with `chat`: the model whose tokenizer and chat template render the data")
+    p.add_argument("--block-size", type=int, help="with `chat`: tokens per row (default: the model's context)")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char for shakespeare-char, else gpt2")
     p.add_argument("--input", help="text file to use instead of finding/downloading the preset's text")
     p.add_argument("--out", help="output directory (default: data/<name>)")
@@ -108,6 +112,17 @@ def _prepare(p):
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory")
 
     def run(a):
+        if a.source == "chat":
+            if not a.chat_file or not a.model or not a.out:
+                raise GptkitError("`prepare chat` needs FILE.jsonl, --model and --out", "prepare chat",
+                                  "gptkit prepare chat FILE.jsonl --model M --out DIR")
+            out = sft.prepare_chat(a.chat_file, a.model, a.out, a.block_size, a.val_fraction, a.vocab)
+            m = data.read_meta(out)
+            print(f"wrote {out}: {m['train_rows']:,} train and {m['val_rows']:,} val conversations of "
+                  f"{m['row_tokens']} tokens, {m['assistant_tokens']:,} assistant tokens")
+            return
+        if a.chat_file:
+            raise GptkitError(f"unexpected argument {a.chat_file!r}", "prepare", "only `prepare chat` takes a FILE")
         out = prepare.prepare(a.source, a.tokenizer, a.input, a.out, a.shard_size, a.val_fraction, a.vocab)
         m = data.read_meta(out)
         print(f"wrote {out}: {m['train_tokens']:,} train and {m['val_tokens']:,} val tokens "
@@ -222,9 +237,9 @@ def _eval(p):
 def _convert(p):
     p.add_argument("src", metavar="SRC", help="anything loadable: run/checkpoint/HF/TF directory, llm.c .bin, gpt2...")
     p.add_argument("dst", metavar="DST", help="output directory")
-    p.add_argument("--to", required=True, choices=["gptkit", "hf", "llmc", "llmc-bf16"],
-                   help="gptkit checkpoint, Hugging Face directory, or llm.c model.bin (fp32 v3 / bf16 v5) "
-                        "+ tokenizer.bin")
+    p.add_argument("--to", required=True, choices=["gptkit", "hf", "llmc", "llmc-bf16", "peft"],
+                   help="gptkit checkpoint, Hugging Face directory, llm.c model.bin (fp32 v3 / bf16 v5) "
+                        "+ tokenizer.bin, or a LoRA run's adapters for PEFT (hf: merged)")
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory (for llm.c's tokenizer.bin)")
     p.add_argument("--force", action="store_true", help="replace a DST that is not empty (its files are removed)")
 

@@ -318,6 +318,11 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     loggers: str = ""  # extra loggers beside metrics.jsonl, comma-separated: tensorboard, wandb
     wandb_project: str = "gptkit"
+    # LoRA (gptkit/lora.py): rank 0 = off (full fine-tuning); with --init, trains adapters only
+    lora_rank: int = 0
+    lora_alpha: float = 8.0  # scaling = lora_alpha / lora_rank (PEFT's default alpha)
+    lora_dropout: float = 0.0
+    lora_targets: str = ""  # comma-separated module names ("" = PEFT's default: c_attn for GPT-2)
 
     def __post_init__(self):
         positive = ("batch_size", "block_size", "grad_accum", "max_steps", "log_interval", "eval_batches")
@@ -361,10 +366,25 @@ class TrainConfig:
         if self.attention not in ATTENTION_BACKENDS + ("auto",):
             raise GptkitError(f"unknown attention backend {self.attention!r}", "attention",
                               f"use auto or one of {', '.join(ATTENTION_BACKENDS)}")
+        self._check_lora()
         unknown = [x for x in self.loggers.split(",") if x.strip() and x.strip() not in ("tensorboard", "wandb")]
         if unknown:
             raise GptkitError(f"unknown logger {unknown[0]!r}", "loggers",
                               "use tensorboard, wandb or both (comma-separated)")
+
+    def _check_lora(self) -> None:
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise GptkitError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}", "lora_rank",
+                              "set lora_rank=0 (off) or e.g. lora_rank=8")
+        if not self.lora_alpha > 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise GptkitError(f"need lora_alpha > 0 and 0 <= lora_dropout < 1, got {self.lora_alpha}, "
+                              f"{self.lora_dropout}", "lora_alpha", "fix the lora_* values")
+        if self.lora_rank and self.init == "scratch":
+            raise GptkitError("LoRA fine-tunes existing weights, and no --init was given", "lora_rank",
+                              "add --init BASE (gpt2, a run directory, an HF directory...) or drop the lora_* keys")
+        if self.lora_rank and self.fsdp:
+            raise GptkitError("LoRA runs do not shard with FSDP", "fsdp",
+                              "use fsdp=false: the frozen base and small adapters train with DDP under torchrun")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

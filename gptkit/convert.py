@@ -1,4 +1,4 @@
-"""`gptkit convert SRC DST --to gptkit|hf|llmc|llmc-bf16`: any loadable model into any format.
+"""`gptkit convert SRC DST --to gptkit|hf|llmc|llmc-bf16|peft`: any loadable model into any format.
 
 SRC is anything gptkit.loading recognises. The targets:
 - gptkit: a run directory DST holding one checkpoint (model.safetensors + state.json), which
@@ -6,7 +6,9 @@ SRC is anything gptkit.loading recognises. The targets:
 - hf: a directory transformers loads (config.json + model.safetensors), plus the model's tokenizer
   as Hugging Face files, so AutoTokenizer and pipeline("text-generation") work on it;
 - llmc / llmc-bf16: a directory with llm.c's model.bin (v3 fp32 / v5 bf16) and tokenizer.bin
-  (GPT-2's BPE for a 50257-token model, the char vocab for a char model).
+  (GPT-2's BPE for a 50257-token model, the char vocab for a char model);
+- peft: a LoRA run's adapters for `peft.PeftModel.from_pretrained(base, DST)` (gptkit/formats/peft.py).
+  From a LoRA run every other target writes the merged model.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from pathlib import Path
 
 import torch
 
-from gptkit.checkpoint import save_checkpoint
+from gptkit import lora
+from gptkit.checkpoint import find_checkpoint, read_state, save_checkpoint
 from gptkit.config import GPT2_VOCAB_SIZE
 from gptkit.errors import GptkitError, make_dir
 from gptkit.formats import llmc
 from gptkit.formats.hf import save_hf
-from gptkit.loading import load_model
+from gptkit.formats.peft import write_peft
+from gptkit.loading import load_checkpoint_model, load_model
 from gptkit.tokenizer import gpt2_tokenizer, save_tokenizer, tokenizer_for
 
-TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16")
+TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16", "peft")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "encoder.json", "vocab.bpe")
 
@@ -88,6 +92,18 @@ def _carry_hf_tokenizer(loaded, dst: Path, vocab) -> list[Path]:
     return save_tokenizer(tok, dst, loaded.model.config.block_size) if tok.kind == "hf" else []
 
 
+def export_peft(src: str | Path, dst: Path) -> list[Path]:
+    """A LoRA run's (or checkpoint's) adapters in PEFT's format."""
+    ckpt = find_checkpoint(src) if Path(src).is_dir() else None
+    info = read_state(ckpt).get("lora") if ckpt is not None else None
+    if info is None:
+        raise GptkitError("not a LoRA run: there are no adapters to export", src,
+                          "give a run trained with lora_rank > 0; other models export with --to hf")
+    loaded = load_checkpoint_model(ckpt, merge=False)
+    return write_peft(loaded.model, lora.adapter_tensors(loaded.model), lora.LoraSpec.from_dict(info), info["base"],
+                      dst)
+
+
 def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None,
             force: bool = False) -> ConvertResult:
     """Load SRC and write it to DST in format `to` (one of TARGETS). A DST that exists and is not
@@ -104,6 +120,8 @@ def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None 
                               "give a new directory, or --force to replace it (its files are removed)")
         if Path(src).exists() and _overlaps(Path(src), final):
             raise GptkitError("--force would remove the model being converted", final, "give another DST")
+    if to == "peft":
+        return ConvertResult(final, export_peft(src, final))
     loaded = load_model(src)
     make_dir(final.parent, "DST")
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))  # on DST's file system

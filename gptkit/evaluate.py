@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gptkit import sft
 from gptkit.data import (SplitTokens, TokenLoader, check_char_table, check_vocab, count_eval_batches, eval_windows,
                          read_meta, split_files)
 from gptkit.errors import GptkitError
@@ -32,9 +33,13 @@ def evaluate(model: GPT, data_dir: Path, block_size: int, batch_size: int, devic
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        batches = eval_windows(data_dir, split, block_size, batch_size)
+        if sft.is_chat_data(read_meta(data_dir)):  # one conversation per row, assistant targets only
+            batches, n_batches = sft.eval_batches(data_dir, split, block_size, batch_size), None
+        else:
+            batches = eval_windows(data_dir, split, block_size, batch_size)
+            n_batches = count_eval_batches(data_dir, split, block_size, batch_size)
         if progress:
-            batches = tqdm(batches, total=count_eval_batches(data_dir, split, block_size, batch_size),
+            batches = tqdm(batches, total=n_batches,
                            desc=f"eval {split}", leave=False, dynamic_ncols=True)
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -127,9 +132,14 @@ def bits_per_byte(loss_nats_total: float, n_bytes: int) -> float:
 
 def split_target_bytes(data_dir: str | Path, split: str, lengths: torch.Tensor) -> int:
     """UTF-8 bytes of the tokens a whole-split eval predicts: every token of the split but the first
-    (data.eval_windows), each counted by `lengths` (token_byte_lengths)."""
-    toks = SplitTokens(data_dir, split)
+    (data.eval_windows), each counted by `lengths` (token_byte_lengths). Chat data: the assistant's
+    tokens of every row (gptkit/sft.py), which are the only targets there."""
     table = lengths.numpy()
+    if sft.is_chat_data(read_meta(data_dir)):
+        rows = sft.ChatRows(data_dir, split)
+        ids = np.asarray(rows.tokens[:, 1:], dtype=np.int64)[np.asarray(rows.mask[:, 1:]) == 1]
+        return int(table[ids].sum())
+    toks = SplitTokens(data_dir, split)
     total = 0
     for i, shard in enumerate(toks.shards):
         ids = np.asarray(shard[1:] if i == 0 else shard, dtype=np.int64)

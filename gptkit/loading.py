@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gptkit import checkpoint
+from gptkit import checkpoint, lora
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 from gptkit.formats import hf
@@ -67,12 +67,40 @@ def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], where: s
     return model.eval()
 
 
-def load_checkpoint_model(ckpt: Path) -> Loaded:
-    """A gptkit checkpoint directory's model, with its char vocab and state.json."""
+def load_checkpoint_model(ckpt: Path, merge: bool = True) -> Loaded:
+    """A gptkit checkpoint directory's model, with its char vocab and state.json. A LoRA run's
+    checkpoint loads its base from the recorded reference and applies the adapters: merged into
+    the weights (a plain GPT), or with `merge=False` kept apart (to resume training)."""
     ckpt = Path(ckpt)
+    if "lora" in checkpoint.read_state(ckpt):
+        return load_lora_checkpoint(ckpt, merge)
     config, sd, state = checkpoint.read_checkpoint(ckpt)
     model = build_model(config, sd, str(ckpt / checkpoint.MODEL_FILE))
     return Loaded(model, "gptkit", ckpt, chars=state.get("chars"), tokenizer_dir=ckpt, state=state)
+
+
+def load_lora_checkpoint(ckpt: Path, merge: bool = True) -> Loaded:
+    state = checkpoint.read_state(ckpt)
+    info = state["lora"]
+    try:
+        base = load_model(info["base"])
+    except GptkitError as e:
+        raise GptkitError(f"the base model of this LoRA checkpoint does not load: {e.what}", ckpt,
+                          f"restore the base at {info['base']} (the run's --init), then load again") from None
+    config = GPTConfig.from_dict(state["model_config"])
+    model = build_model(config, base.model.state_dict(), str(info["base"]))
+    lora.apply_lora(model, lora.LoraSpec.from_dict(info))
+    where = str(ckpt / checkpoint.MODEL_FILE)
+    adapters = checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE)
+    bad = [k for k, v in adapters.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise GptkitError(f"adapter {bad[0]} holds NaN or inf", where,
+                          "the run diverged before this checkpoint; use an older ckpt_* directory")
+    lora.load_adapters(model, adapters, where)
+    if merge:
+        lora.merge_lora(model)
+    return Loaded(model.eval(), "gptkit", ckpt, chars=state.get("chars") or base.chars,
+                  tokenizer_dir=base.tokenizer_dir, state=state)
 
 
 def load_model(path_or_name: str | Path, **kwargs) -> Loaded:

@@ -29,7 +29,7 @@ from typing import Iterable
 
 import tiktoken
 
-from gptkit.chat_template import load_chat_template, template_from_dir
+from gptkit.chat_template import ChatTemplate, load_chat_template, special_tokens_of, template_from_dir
 from gptkit.config import GPT2_EOT, GPT2_VOCAB_SIZE
 from gptkit.errors import GptkitError, make_dir
 from gptkit.hf_tokenizer import (EOT_TEXT, HFTokenizer, bytes_to_unicode, char_hf_files, generation_eos,  # noqa: F401
@@ -363,7 +363,22 @@ def tokenizer_for(loaded, vocab: str | Path | None = None, chat_template: str | 
     check_vocab_fits(tok, vs, where)
     if chat_template:
         tok.chat_template = load_chat_template(chat_template, tok)
+    elif getattr(tok, "chat_template", None) is None:
+        tok.chat_template = carried_chat_template(loaded, tok)
     return tok
+
+
+def carried_chat_template(loaded, tok):
+    """The chat template of a model whose tokenizer brings none (GPT-2's BPE, chars): the one a
+    chat-tuned run carries in its state.json (gptkit/sft.py), else a chat_template.jinja (or
+    tokenizer_config.json's) in the model's or run's directory; None if neither."""
+    if (loaded.state or {}).get("chat_template"):
+        return ChatTemplate(loaded.state["chat_template"], special_tokens_of(tok), f"{loaded.source}/state.json")
+    for d in _own_tokenizer_dirs(loaded):
+        t = template_from_dir(d, tok)
+        if t is not None:
+            return t
+    return None
 
 
 def token_byte_lengths(tok, n: int | None = None) -> list[int]:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from gptkit import checkpoint as ckpt_lib
-from gptkit import parallel
+from gptkit import lora, parallel, sft
 from gptkit.config import MODEL_PRESETS, GPTConfig, TrainConfig, model_preset, write_toml
 from gptkit.data import TokenLoader, check_char_table, read_meta
 from gptkit.errors import GptkitError, make_dir
@@ -123,6 +123,7 @@ class Trainer:
         self.data_dir = data_dir_of(cfg, self.log)
         meta = read_meta(self.data_dir)
         model, self.chars = build_run_model(cfg, self.model_overrides, self.attention, meta, self.resume_ckpt)
+        self.lora = lora.setup_training(model, cfg, self.resume_ckpt, self.log)  # None: full fine-tuning
         self.mcfg = mcfg = model.config
         model.to(self.device)
         torch.manual_seed(cfg.seed + dist.rank)  # then each rank its own dropout stream
@@ -132,10 +133,8 @@ class Trainer:
         if self.fsdp:
             parallel.wrap_fsdp(model)
         self.model = model
-        self.train_loader = TokenLoader(self.data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed,
-                                        rank=dist.rank, world_size=dist.world_size, vocab_size=mcfg.vocab_size)
-        self.val_loader = TokenLoader(self.data_dir, "val", cfg.batch_size, cfg.block_size, seed=cfg.seed + 1,
-                                      vocab_size=mcfg.vocab_size)
+        self.train_loader, self.val_loader = sft.make_loaders(cfg, self.data_dir, meta, mcfg.vocab_size, dist)
+        self.extra_state = {**({"lora": self.lora} if self.lora else {}), **sft.carried_state(meta, self.data_dir)}
         self.optimizer, self.names = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                                 self.device.type, state_dtype=DTYPES[cfg.optim_dtype],
                                                 **({"fused": False} if self.fsdp else {}))
@@ -160,6 +159,7 @@ class Trainer:
         if dist.is_main:
             make_dir(self.run_dir, "--out")
             write_toml(self.run_dir / "config.toml", cfg.to_dict(), mcfg.to_dict(), resume_note(self.step, self.changes))
+            sft.write_run_template(self.run_dir, self.extra_state)  # serve and chat render with it
         # one step: micro_steps micro-batches on each of the processes
         self.tokens_per_step = cfg.batch_size * cfg.block_size * self.micro_steps * dist.world_size
         self.flops_per_step = model.flops_per_token(cfg.block_size) * self.tokens_per_step
@@ -351,7 +351,8 @@ class Trainer:
 
     def _save(self) -> None:
         save_training_state(self.run_dir, self.step, self.cfg, self.mcfg, self.model, self.optimizer, self.names,
-                            self.train_loader, self.chars, self.fsdp, self.dist, self.device, self.budget.ratio)
+                            self.train_loader, self.chars, self.fsdp, self.dist, self.device, self.budget.ratio,
+                            self.extra_state)
         self.last_save_t = time.time()
 
 
@@ -419,7 +420,7 @@ def build_run_model(cfg: TrainConfig, model_overrides: dict[str, Any], attention
     """The model to train and its char vocab: from the checkpoint, from --init weights, or from scratch."""
     chars = meta.get("chars")
     if resume_ckpt is not None:
-        loaded = load_checkpoint_model(resume_ckpt)
+        loaded = load_checkpoint_model(resume_ckpt, merge=False)
         check_char_table(loaded.chars, meta, resume_ckpt, data_dir_of(cfg))
         if cfg.block_size > loaded.model.config.block_size:
             raise GptkitError(f"block_size {cfg.block_size} exceeds the model's context "
@@ -482,9 +483,10 @@ def _restore_training_state(ckpt: Path, model: GPT, optimizer, names: dict[int, 
 
 def save_training_state(run_dir: Path, step: int, cfg: TrainConfig, mcfg: GPTConfig, model: GPT, optimizer,
                         names: dict[int, str], loader: TokenLoader, chars: list[str] | None, fsdp: bool, dist,
-                        device, time_ratio: float = 0.0) -> None:
+                        device, time_ratio: float = 0.0, extra: dict | None = None) -> None:
     """The checkpoint of `step`: rank 0 writes; under FSDP every rank first helps gather the full tensors."""
-    tensors, opt_state, rng_ranks = model, optimizer, None
+    tensors = lora.adapter_tensors(model) if "lora" in (extra or {}) else model  # LoRA: no copy of the base
+    opt_state, rng_ranks = optimizer, None
     if fsdp:
         tensors = parallel.full_model_tensors(model)
         opt_state = parallel.full_optimizer_state(model, optimizer, names)
@@ -495,9 +497,8 @@ def save_training_state(run_dir: Path, step: int, cfg: TrainConfig, mcfg: GPTCon
     state = {"model_config": mcfg.to_dict(), "train_config": cfg.to_dict(),
              "schedule": {"step": step, "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
                           "decay_steps": cfg.decay_steps or cfg.max_steps, "time_ratio": time_ratio},
-             "loader": loader.state_dict(), "rng": ckpt_lib.rng_state(), "chars": chars}
-    if rng_ranks:
-        state["rng_ranks"] = rng_ranks
+             "loader": loader.state_dict(), "rng": ckpt_lib.rng_state(), "chars": chars,
+             **({"rng_ranks": rng_ranks} if rng_ranks else {}), **(extra or {})}
     ckpt_lib.save_checkpoint(run_dir, step, tensors, state, opt_state, names, keep_last=cfg.keep_last)
 
 

@@ -259,13 +259,37 @@ def pickle_with_code_raw(t):
     return ["sample", "--model", str(t / "model.pkl")], ["not a model file", "model.pkl"]
 
 
+def lora_without_init(t):
+    d = _data(t / "data")
+    return ["train", "--data", str(d), "--out", str(t / "run"), *TINY, "lora_rank=8"], ["no --init", "(lora_rank)"]
+
+
+def lora_unknown_target(t):
+    d = _data(t / "data")
+    return (["train", "--init", str(_ckpt_run(t / "m")), "--data", str(d), "--out", str(t / "run"), *TINY,
+             "lora_rank=4", "lora_targets=q_proj"], ["unknown LoRA target module 'q_proj'", "(lora_targets)", "c_attn"])
+
+
+def chat_missing_role(t):
+    (t / "chat.jsonl").write_text('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    return (["prepare", "chat", str(t / "chat.jsonl"), "--model", str(_ckpt_run(t / "m")), "--out", str(t / "d")],
+            ["message 0 has no role", "chat.jsonl:1"])
+
+
+def chat_empty_conversation(t):
+    (t / "chat.jsonl").write_text('{"messages": []}\n')
+    return (["prepare", "chat", str(t / "chat.jsonl"), "--model", str(_ckpt_run(t / "m")), "--out", str(t / "d")],
+            ["empty conversation", "chat.jsonl:1"])
+
+
 CASES = [shard_truncated, shard_wrong_magic, shard_wrong_version, shard_size_mismatch, model_bin_truncated,
          model_bin_wrong_magic, model_bin_wrong_version, model_bin_size_mismatch, ckpt_missing_weights,
          ckpt_missing_state, ckpt_damaged_state, ckpt_nan_weights, ckpt_config_mismatch,
          ckpt_resume_damaged_optimizer, shard_token_out_of_vocab, data_vocab_larger_than_model, text_empty, text_binary, text_not_utf8,
          prompt_longer_than_context, size_zero, size_negative, model_size_zero, unknown_config_key,
          unknown_toml_key, conflicting_options, conflicting_init_architecture, existing_run_without_resume,
-         resume_without_run, pickle_with_code_hf, pickle_with_code_raw]
+         resume_without_run, pickle_with_code_hf, pickle_with_code_raw, lora_without_init, lora_unknown_target,
+         chat_missing_role, chat_empty_conversation]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

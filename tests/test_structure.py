@@ -25,7 +25,7 @@ ALLOWED_LAZY = (
     "triton", "gptkit.attention.triton",  # the triton attention backend (the module imports triton at its top)
     "wandb", "tensorboard", "torch.utils.tensorboard",  # metrics loggers
     "transformers",  # bench --compare hf
-    "jinja2",  # chat templates (gptkit.chat_template): only chat and /v1/chat/completions render them
+    "jinja2",  # chat templates (gptkit.chat_template, gptkit.sft): chat, /v1/chat/completions, `prepare chat`
     # FSDP and distributed state dicts: importing them costs ~3 s of start-up (DTensor, sympy),
     # which every run would pay inside its time budget; only fsdp=true runs load them
     "torch.distributed.fsdp", "torch.distributed.checkpoint",

@@ -6,18 +6,26 @@ in the same process, so the two numbers share the machine's state.
 
 MFU = (6·N + 12·L·C·T) · tokens/s / peak (PaLM appendix B), with N = `num_params()` and the peak
 measured at the start of the run as the rate of a 2048³ GEMM in the run's dtype.
+
+With `--lora` it measures peak training memory instead, full fine-tuning against LoRA (adapters on
+a frozen base) of the same shape, side by side: each in a fresh process, so one's buffers never
+count in the other's peak. On CUDA the peak is `torch.cuda.max_memory_allocated`; on a CPU it is
+the process's peak resident memory (ru_maxrss) minus the same before the model was built.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
+import resource
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+from gptkit import lora
 from gptkit.config import MODEL_PRESETS, model_preset
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
@@ -143,6 +151,77 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
     return results
 
 
+def bench_lora_memory(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, dtype: str = "auto",
+                      steps: int = 3, warmup: int = 1, device: str = "auto", lora_rank: int = 8,
+                      lora_targets: str = "", param_dtype: str = "float32", threads: int = 0) -> list[dict]:
+    """Peak training memory and step time, full fine-tuning vs LoRA, each measured in its own process.
+    One dict per mode: the `bench train` fields plus mode, peak_mem_mib, mem_source, trainable_params."""
+    if model not in MODEL_PRESETS:
+        raise GptkitError(f"unknown model preset {model!r}", "--model", f"use one of {', '.join(MODEL_PRESETS)}")
+    if lora_rank <= 0:
+        raise GptkitError(f"must be > 0, got {lora_rank}", "--lora-rank", "give a rank such as 8")
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for mode in ("full", "lora"):
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(_memory_worker, (mode, model, batch_size, block_size, dtype, steps, warmup,
+                                                    device, lora_rank, lora_targets, param_dtype, threads)))
+    return rows
+
+
+def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, device, lora_rank, lora_targets,
+                   param_dtype, threads) -> dict:
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    n_threads = setup_threads(threads)
+    setup_cuda_matmul()
+    cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
+                       attention=resolve_attention("auto", dev, block_size))
+    peak = measure_peak_flops(dev, dt, n=1024)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)
+    else:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    torch.manual_seed(0)
+    net = GPT(cfg).to(dev)
+    trainable = net.num_params()
+    if mode == "lora":
+        lora.apply_lora(net, lora.LoraSpec(lora_rank, 2.0 * lora_rank, 0.0, lora.parse_targets(lora_targets, net)))
+        trainable = lora.freeze_base(net)
+    opt, _ = make_adamw(net, lr=1e-4, weight_decay=0.1, device_type=dev.type)
+    shadow = ShadowWeights(net, torch.bfloat16) if bf16_weights(param_dtype, dt, dev) else None
+    fwd = shadow.module if shadow else net
+
+    def step():
+        with autocast(dev, dt):
+            _, loss = fwd(x, y)
+        loss.backward()
+        if shadow:
+            shadow.grads_to_master()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if shadow:
+            shadow.pull()
+
+    times = _step_times(step, steps, warmup, lambda: synchronize(dev))
+    if dev.type == "cuda":
+        used, source = torch.cuda.max_memory_allocated(dev) - start, "cuda_max_memory_allocated"
+    else:
+        used, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start, "cpu_max_rss"
+    med = statistics.median(times)
+    tok_s = batch_size * block_size / med
+    return {"system": "gptkit", "mode": mode, "model": model, "batch_size": batch_size, "block_size": block_size,
+            "dtype": str(dt).removeprefix("torch."), "median_step_s": round(med, 6), "tok_per_s": round(tok_s, 1),
+            "mfu": round(net.flops_per_token(block_size) * tok_s / peak, 4), "peak_mem_mib": round(used / 2**20, 1),
+            "mem_source": source, "trainable_params": trainable, "params": net.num_params(), "lora_rank":
+            lora_rank if mode == "lora" else 0, "steps": len(times), "threads": n_threads}
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="gpt2", help="architecture preset (default gpt2, 124M)")
@@ -159,9 +238,22 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
                    help="also time this system in the same run: hf (transformers)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--lora", action="store_true",
+                   help="peak training memory instead: full fine-tuning vs LoRA, side by side")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default="", help="comma-separated modules (default: PEFT's, c_attn)")
 
 
 def run(a) -> None:
+    if a.lora:
+        rows = bench_lora_memory(a.model, a.batch_size, a.block_size, a.dtype, a.steps, a.warmup, a.device,
+                                 a.lora_rank, a.lora_targets, a.param_dtype, a.threads)
+        print_rows(rows, a.json, ["mode", "model", "batch_size", "block_size", "dtype", "trainable_params",
+                                  "peak_mem_mib", "median_step_s", "tok_per_s"])
+        if not a.json:
+            print(f"LoRA (rank {a.lora_rank}) uses {rows[1]['peak_mem_mib'] / rows[0]['peak_mem_mib']:.0%} of full "
+                  f"fine-tuning's peak training memory ({rows[0]['mem_source']})")
+        return
     rows = bench_train(a.model, a.batch_size, a.block_size, a.dtype, a.steps, a.warmup, a.compare, a.compile,
                        a.device, attention=a.attention, param_dtype=a.param_dtype, threads=a.threads)
     print_rows(rows, a.json, ["system", "model", "batch_size", "block_size", "dtype", "median_step_s", "tok_per_s",
