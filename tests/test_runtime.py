@@ -15,7 +15,7 @@ def test_device_choice_and_unavailable_devices_are_user_errors(monkeypatch):
     for name in ("cuda", "mps"):
         with pytest.raises(GptkitError) as e:
             runtime.pick_device(name)
-        assert e.value.where == "device" and "not available" in e.value.what
+        assert e.value.where == "--device" and "not available" in e.value.what
 
 
 def test_dtype_choice(monkeypatch):
