@@ -280,6 +280,11 @@ class TrainConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    # adamw | muon (torch.optim.Muon for the blocks' 2-D matrices, AdamW with `lr` for the rest)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak LR; the schedule scales it as it scales lr
+    muon_momentum: float = 0.95
+    loader: str = "random"  # random | sequential (file order, as llm.c's loader with shuffling off)
     # eval, samples, checkpoints, logs
     eval_interval: int = 1000  # 0 = only at the end
     eval_batches: int = 10  # batches per periodic val estimate; the final eval covers the whole split
@@ -349,6 +354,13 @@ class TrainConfig:
                               "sample_temperature", "fix the sample_* values")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise GptkitError("weight_decay and grad_clip must be >= 0", "weight_decay", "set them to 0 or more")
+        if self.optimizer not in ("adamw", "muon"):
+            raise GptkitError(f"unknown optimizer {self.optimizer!r}", "optimizer", "use adamw or muon")
+        if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1:
+            raise GptkitError(f"need muon_lr > 0 and 0 <= muon_momentum < 1, got {self.muon_lr}, {self.muon_momentum}",
+                              "muon_lr", "set muon_lr > 0 and muon_momentum in [0, 1)")
+        if self.loader not in ("random", "sequential"):
+            raise GptkitError(f"unknown loader {self.loader!r}", "loader", "use random or sequential")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise GptkitError(f"unknown dtype {self.dtype!r}", "dtype", "use auto, float32, bfloat16 or float16")
         if self.optim_dtype not in ("float32", "bfloat16", "fp32", "bf16"):

@@ -6,7 +6,8 @@ A split is `train.bin` or `train_000000.bin, train_000001.bin, ...` (likewise `v
 
 The loader memory-maps every shard of a split. In `random` mode batch i is a pure function of
 (seed, i*world + rank), so its state is just the step counter; in `sequential` mode it walks the split
-in order (llm.c's DataLoader), each rank taking its own slice, and its state is the position.
+in file order as llm.c's DataLoader does with shuffling off (llmc/dataloader.h), and its state is the
+position: see TokenLoader.
 """
 
 from __future__ import annotations
@@ -139,8 +140,13 @@ class TokenLoader:
     """Batches (x, y) of shape (B, T) from every shard of a split.
 
     mode="random": each row starts at a uniformly random offset; batch i is a pure function of
-    (seed, i*world + rank). mode="sequential": consecutive windows, rank r takes window r of every
-    `world` windows (llm.c's loader); it wraps around at the end of the split.
+    (seed, i*world + rank).
+
+    mode="sequential" (llm.c's DataLoader, shuffling off): a global batch is world*B*T tokens of one
+    shard; rank r reads the B*T+1 tokens at offset r*B*T inside it (row b = tokens [b*T, b*T+T+1)),
+    and the next global batch starts world*B*T further on. When a global batch would need a token past
+    the shard's end (offset + world*B*T + 1 > ntok), the next shard starts at 0; after the last shard,
+    the first. Shards shorter than world*B*T+1 tokens are skipped (llm.c refuses them).
     """
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, block_size: int, *,
@@ -158,6 +164,10 @@ class TokenLoader:
             raise GptkitError(f"the {split} split has {int(sizes.sum())} tokens, fewer than block_size+1 = "
                               f"{block_size + 1}", data_dir, "use a smaller block_size or more data")
         self.sizes, self.usable = sizes, usable
+        self.chunk = world_size * batch_size * block_size  # tokens per global batch (sequential mode)
+        if mode == "sequential" and not (sizes >= self.chunk + 1).any():
+            raise GptkitError(f"no {split} shard holds world*B*T+1 = {self.chunk + 1} tokens (largest: "
+                              f"{int(sizes.max())})", data_dir, "use a smaller batch_size or block_size")
         self.cum_usable = np.cumsum(usable)
         if vocab_size is not None:
             check_vocab(data_dir, self.files, self.shards, vocab_size)
@@ -200,17 +210,14 @@ class TokenLoader:
             starts = flat - np.concatenate([[0], self.cum_usable[:-1]])[shard]
             rows = [self._window(s, o) for s, o in zip(shard, starts)]
         else:
-            rows = []
-            for _ in range(self.B):
-                # skip this rank's turn forward to its own window among `world` consecutive ones
-                for _k in range(self.world):
-                    if self.pos + self.T + 1 > self.sizes[self.shard_idx]:
-                        self.shard_idx, self.pos = (self.shard_idx + 1) % len(self.shards), 0
-                        while self.usable[self.shard_idx] == 0:
-                            self.shard_idx = (self.shard_idx + 1) % len(self.shards)
-                    if _k == self.rank:
-                        rows.append(self._window(self.shard_idx, self.pos))
-                    self.pos += self.T
+            # llm.c's dataloader_next_batch: move on to the next shard when this global batch and
+            # its one extra target token do not fit
+            while self.pos + self.chunk + 1 > self.sizes[self.shard_idx]:
+                self.shard_idx, self.pos = (self.shard_idx + 1) % len(self.shards), 0
+            start = self.pos + self.rank * self.B * self.T
+            buf = np.asarray(self.shards[self.shard_idx][start:start + self.B * self.T + 1], dtype=np.int64)
+            rows = [buf[b * self.T: b * self.T + self.T + 1] for b in range(self.B)]
+            self.pos += self.chunk
         self.step += 1
         buf = torch.from_numpy(np.stack(rows))  # (B, T+1)
         x, y = buf[:, :-1], buf[:, 1:]

@@ -8,6 +8,11 @@ optimizer memory); the update itself is computed in fp32 and the parameters stay
 For a wall-clock budget, `lr_at(..., time_ratio=...)` runs the cosine over whichever budget is
 further spent, the steps or the time, so a run that is not short of time gets exactly the
 step schedule.
+
+`optimizer=muon` (`make_optimizer`): torch.optim.Muon for the 2-D matrices inside the blocks
+(attention and MLP weights), AdamW for the embeddings, the head and the gains/biases, as
+modded-nanogpt and nanochat split them. Muon has its own peak LR (`muon_lr`); the schedule scales
+every group's peak by the same factor, lr_at(step) / lr.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import time
 
 import torch
 
+from gptkit.errors import GptkitError
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
+    """Decay and no-decay groups of the trainable parameters whose id() is not in `exclude`."""
     decay, no_decay = [], []
     for p in model.parameters():  # the tied wte/lm_head weight appears once
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in exclude:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -92,10 +100,12 @@ def _store(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
-               device_type: str = "cpu", fused: bool | None = None, state_dtype: torch.dtype = torch.float32):
-    """AdamW over GPT-2's groups: fused where PyTorch has it for the device, else foreach; with a
-    `state_dtype` other than fp32, LowPrecisionAdamW. Returns (optimizer, index -> parameter name)."""
-    groups = param_groups(model, weight_decay)
+               device_type: str = "cpu", fused: bool | None = None, state_dtype: torch.dtype = torch.float32,
+               exclude: set[int] = frozenset()):
+    """AdamW over GPT-2's groups (less the parameters whose id() is in `exclude`): fused where
+    PyTorch has it for the device, else foreach; with a `state_dtype` other than fp32,
+    LowPrecisionAdamW. Returns (optimizer, index -> parameter name)."""
+    groups = param_groups(model, weight_decay, exclude)
     if state_dtype != torch.float32:
         opt = LowPrecisionAdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype)
         return opt, param_names(model, opt.param_groups)
@@ -105,7 +115,7 @@ def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.
     try:
         opt = torch.optim.AdamW(groups, fused=fused, **kw) if fused else torch.optim.AdamW(groups, foreach=True, **kw)
     except (RuntimeError, TypeError):  # fused not built for this device/dtype
-        opt = torch.optim.AdamW(param_groups(model, weight_decay), foreach=True, **kw)
+        opt = torch.optim.AdamW(param_groups(model, weight_decay, exclude), foreach=True, **kw)
     return opt, param_names(model, opt.param_groups)
 
 
@@ -185,3 +195,84 @@ class TimeBudget:
         dt = time.time() - t
         self.eval_since += dt
         self.eval_s_per_tok = dt / max(tokens, 1)
+
+
+def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable 2-D matrices inside the transformer blocks (attention and MLP weights, either
+    family): what Muon updates. Embeddings, the head and every 1-D gain or bias stay with AdamW."""
+    return [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+
+
+class MuonWithAdamW:
+    """torch.optim.Muon and an AdamW behind one optimizer's interface: param_groups (AdamW's, then
+    Muon's), step, zero_grad and a state_dict numbered over both in that order, so checkpoints
+    store it under parameter names like any optimizer."""
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer):
+        self.adamw, self.muon = adamw, muon
+
+    @property
+    def param_groups(self) -> list[dict]:  # a property: load_state_dict replaces the groups' dicts
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self):
+        return {**self.adamw.state, **self.muon.state}
+
+    def step(self, closure=None):
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def _n_adamw(self, groups: list[dict]) -> int:
+        return sum(len(g["params"]) for g in groups[: len(self.adamw.param_groups)])
+
+    def state_dict(self) -> dict:
+        a, m = self.adamw.state_dict(), self.muon.state_dict()
+        n = self._n_adamw(a["param_groups"])
+        return {"state": {**a["state"], **{i + n: v for i, v in m["state"].items()}},
+                "param_groups": a["param_groups"] + [{**g, "params": [i + n for i in g["params"]]}
+                                                     for g in m["param_groups"]]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups) or not all(g.get("muon") for g in groups[len(self.adamw.param_groups):]):
+            raise GptkitError("the checkpoint's optimizer state is not Muon + AdamW's", "optimizer",
+                              "resume with the optimizer the run was started with")
+        k, n = len(self.adamw.param_groups), self._n_adamw(groups)
+        self.adamw.load_state_dict({"state": {i: v for i, v in sd["state"].items() if i < n},
+                                    "param_groups": groups[:k]})
+        self.muon.load_state_dict({"state": {i - n: v for i, v in sd["state"].items() if i >= n},
+                                   "param_groups": [{**g, "params": [i - n for i in g["params"]]} for g in groups[k:]]})
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device_type: str = "cpu", fsdp: bool = False):
+    """The run's optimizer from a TrainConfig (`optimizer`, `lr`, `muon_lr`, betas, eps, weight decay,
+    `optim_dtype`). Returns (optimizer, index -> parameter name); each group's `base_lr` is its peak LR."""
+    state_dtype = {"float32": torch.float32, "fp32": torch.float32}.get(cfg.optim_dtype, torch.bfloat16)
+    kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device_type, state_dtype=state_dtype,
+              **({"fused": False} if fsdp else {}))
+    if cfg.optimizer == "adamw":
+        opt, names = make_adamw(model, cfg.lr, cfg.weight_decay, **kw)
+    else:
+        if fsdp:
+            raise GptkitError("optimizer=muon does not run under FSDP (Muon orthogonalizes whole matrices)",
+                              "optimizer", "use fsdp=false (DDP works) or optimizer=adamw")
+        hidden = muon_params(model)
+        adamw, _ = make_adamw(model, cfg.lr, cfg.weight_decay, exclude={id(p) for p in hidden}, **kw)
+        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+        muon.param_groups[0].update(muon=True, base_lr=cfg.muon_lr)
+        opt = MuonWithAdamW(adamw, muon)
+        names = param_names(model, opt.param_groups)
+    for g in opt.param_groups:
+        g.setdefault("base_lr", cfg.lr)
+    return opt, names
+
+
+def set_lr(optimizer, lr: float, peak_lr: float) -> None:
+    """Set every group's LR to its own peak (`base_lr`, default `peak_lr`) times lr / peak_lr."""
+    for g in optimizer.param_groups:
+        g["lr"] = g.get("base_lr", peak_lr) * lr / peak_lr

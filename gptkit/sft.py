@@ -363,9 +363,10 @@ def make_loaders(cfg, data_dir: str | Path, meta: dict, vocab_size: int, dist):
     """The trainer's train and val loaders for a prepared data directory: chat rows (ChatLoader) for
     chat data, else token windows (data.TokenLoader)."""
     cls = ChatLoader if is_chat_data(meta) else TokenLoader
+    kw = {} if cls is ChatLoader else {"mode": cfg.loader}  # sequential: llm.c's batch order (val too)
     train = cls(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed, rank=dist.rank,
-                world_size=dist.world_size, vocab_size=vocab_size)
-    val = cls(data_dir, "val", cfg.batch_size, cfg.block_size, seed=cfg.seed + 1, vocab_size=vocab_size)
+                world_size=dist.world_size, vocab_size=vocab_size, **kw)
+    val = cls(data_dir, "val", cfg.batch_size, cfg.block_size, seed=cfg.seed + 1, vocab_size=vocab_size, **kw)
     return train, val
 
 

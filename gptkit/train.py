@@ -29,11 +29,11 @@ from gptkit.evaluate import estimate_loss, evaluate
 from gptkit.loading import build_model, load_checkpoint_model, load_model
 from gptkit.metrics import Progress, RunLogger, Speedometer, check_loggers
 from gptkit.model import GPT
-from gptkit.optim import TimeBudget, lr_at, make_adamw
+from gptkit.optim import TimeBudget, lr_at, make_optimizer, set_lr
 from gptkit.precision import ShadowWeights
 from gptkit.prepare import PRESETS, ensure_prepared
 from gptkit.runs import StopSignals, create_run_dir, find_resume_checkpoint, resolve_run_dir, save_due
-from gptkit.runtime import (DTYPES, autocast, bf16_weights, measure_peak_flops, pick_dtype, process_start_time,
+from gptkit.runtime import (autocast, bf16_weights, measure_peak_flops, pick_dtype, process_start_time,
                             resolve_attention, setup_cuda_matmul, setup_distributed, setup_threads, synchronize,
                             teardown_distributed)
 from gptkit.inference import sample_text
@@ -135,9 +135,7 @@ class Trainer:
         self.model = model
         self.train_loader, self.val_loader = sft.make_loaders(cfg, self.data_dir, meta, mcfg.vocab_size, dist)
         self.extra_state = {**({"lora": self.lora} if self.lora else {}), **sft.carried_state(meta, self.data_dir)}
-        self.optimizer, self.names = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
-                                                self.device.type, state_dtype=DTYPES[cfg.optim_dtype],
-                                                **({"fused": False} if self.fsdp else {}))
+        self.optimizer, self.names = make_optimizer(model, cfg, self.device.type, self.fsdp)
         # fp16 needs loss scaling (CUDA); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.step = 0
@@ -214,8 +212,7 @@ class Trainer:
         cfg, dist, optimizer, scaler = self.cfg, self.dist, self.optimizer, self.scaler
         self.lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps or cfg.max_steps,
                         self.budget.ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = self.lr
+        set_lr(optimizer, self.lr, cfg.lr)  # Muon's groups keep their own peak, scaled alike
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.micro_steps):
