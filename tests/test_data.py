@@ -1,6 +1,8 @@
 """Token shards (llm.c layout) and the loader: format round trip and checks, determinism,
 resume equality, rank slices, whole-split eval windows."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -126,51 +128,58 @@ def test_random_batches_are_seeded_windows_and_resume_exactly(tmp_path):
     assert hits[2] == 0 and (hits[[0, 1, 3]] > 0).all()
 
 
-def test_sequential_batches_walk_the_split_and_resume(tmp_path):
-    toks = make_split(tmp_path, "train", [100, 5, 61])  # 5 < T+1: skipped
-    shards = [np.asarray(read_shard(f), dtype=np.int64) for f in split_files(tmp_path, "train")]
-    T = 8
-    # the expected order: consecutive T-strided windows of each usable shard, wrapping around
-    windows = [sh[s:s + T + 1] for sh in shards for s in range(0, len(sh) - T, T)]
-    ld = TokenLoader(tmp_path, "train", 3, T, mode="sequential")
-    got = []
-    for _ in range(len(windows)):  # three passes' worth of rows
+def _numbered_split(d, bases_sizes):
+    """Shards whose tokens are base, base+1, ...: a window names its shard and offset."""
+    for i, (base, n) in enumerate(bases_sizes):
+        (d / f"train_{i:06d}.bin").write_bytes(llmc_bytes(base + np.arange(n)))
+
+
+def _batch_of(base, start, B, T):
+    """llm.c's batch: B*T+1 tokens from `start`, row b = tokens [b*T, b*T+T] of them (x: first T, y: last T)."""
+    buf = base + start + np.arange(B * T + 1)
+    return (np.stack([buf[b * T: b * T + T] for b in range(B)]), np.stack([buf[b * T + 1: b * T + T + 1] for b in range(B)]))
+
+
+def test_sequential_batches_follow_llmc_dataloader_and_resume(tmp_path):
+    # B=3, T=8: a batch is 24 tokens and needs 25. Shard 0 (100 tokens) serves batches at 0, 24, 48,
+    # 72 (72+25 <= 100); shard 1 (5 tokens) holds no batch; shard 2 (61) at 0, 24; then shard 0 again.
+    _numbered_split(tmp_path, [(0, 100), (1000, 5), (2000, 61)])
+    expected = [(0, 0), (0, 24), (0, 48), (0, 72), (2000, 0), (2000, 24)] * 2
+    ld = TokenLoader(tmp_path, "train", 3, 8, mode="sequential")
+    for i, (base, start) in enumerate(expected):
         x, y = ld.next_batch()
-        got += [np.concatenate([x[r, :1].numpy(), y[r].numpy()]) for r in range(3)]
-    for i, w in enumerate(got):
-        assert np.array_equal(w, windows[i % len(windows)]), i
-    # resume mid-epoch gives the same next batches
-    a = TokenLoader(tmp_path, "train", 3, T, mode="sequential")
-    for _ in range(4):
+        ex, ey = _batch_of(base, start, 3, 8)
+        assert np.array_equal(x.numpy(), ex) and np.array_equal(y.numpy(), ey), i
+    # resume mid-epoch (and across the shard change) gives the same next batches
+    a = TokenLoader(tmp_path, "train", 3, 8, mode="sequential")
+    for _ in range(3):
         a.next_batch()
-    b = TokenLoader(tmp_path, "train", 3, T, mode="sequential")
-    b.load_state_dict(a.state_dict())
+    b = TokenLoader(tmp_path, "train", 3, 8, mode="sequential")
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     for _ in range(6):
         xa, ya = a.next_batch()
         xb, yb = b.next_batch()
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert len(toks) == 166
 
 
-def test_sequential_ranks_take_disjoint_slices_covering_the_split(tmp_path):
-    make_split(tmp_path, "train", [1000])
-    T, B, world = 8, 2, 3
-    starts = {}
-    for r in range(world):
-        ld = TokenLoader(tmp_path, "train", B, T, mode="sequential", rank=r, world_size=world)
-        rows = []
-        for _ in range(5):
-            x, _ = ld.next_batch()
-            rows += [tuple(row.tolist()) for row in x]
-        starts[r] = rows
-    all_rows = [row for r in range(world) for row in starts[r]]
-    assert len(set(all_rows)) == len(all_rows) == world * B * 5  # disjoint
-    single = TokenLoader(tmp_path, "train", world * B * 5, T, mode="sequential").next_batch()[0]
-    assert set(all_rows) == {tuple(row.tolist()) for row in single}  # together: the first windows in order
-    # rank r's i-th row is window i*world + r
-    for r in range(world):
-        assert [all_rows.index(row) for row in starts[r]] == [r * B * 5 + i for i in range(B * 5)]
-        assert starts[r] == [tuple(single[i * world + r].tolist()) for i in range(B * 5)]
+def test_sequential_ranks_take_interleaved_batches_as_llmc(tmp_path):
+    # world=2, B=2, T=4: a global batch is 16 tokens (needs 17); 50 tokens hold global batches at 0,
+    # 16, 32, then wrap. Rank r reads its B*T+1 tokens at offset r*B*T inside each global batch.
+    _numbered_split(tmp_path, [(0, 50)])
+    starts = {0: [0, 16, 32, 0], 1: [8, 24, 40, 8]}
+    for r in (0, 1):
+        ld = TokenLoader(tmp_path, "train", 2, 4, mode="sequential", rank=r, world_size=2)
+        for i, s in enumerate(starts[r]):
+            x, y = ld.next_batch()
+            ex, ey = _batch_of(0, s, 2, 4)
+            assert np.array_equal(x.numpy(), ex) and np.array_equal(y.numpy(), ey), (r, i)
+
+
+def test_sequential_loader_needs_one_global_batch_in_some_shard(tmp_path):
+    _numbered_split(tmp_path, [(0, 40), (100, 40)])
+    TokenLoader(tmp_path, "train", 3, 13, mode="sequential")  # 39 + 1 tokens fit
+    with pytest.raises(GptkitError, match="world\\*B\\*T\\+1 = 41"):
+        TokenLoader(tmp_path, "train", 2, 10, mode="sequential", world_size=2)
 
 
 def test_loader_state_refuses_other_mode_or_changed_data(tmp_path):
