@@ -254,10 +254,24 @@ def _convert(p):
 @command("validate", "check a model against an llm.c debug state, as llm.c's test_gpt2 does")
 def _validate(p):
     p.add_argument("--model", required=True, help="run/checkpoint/HF directory, llm.c .bin or pretrained name")
-    p.add_argument("--debug-state", required=True, help="llm.c debug state file (e.g. gpt2_124M_debug_state.bin)")
+    p.add_argument("--debug-state", help="llm.c debug state file (e.g. gpt2_124M_debug_state.bin)")
     p.add_argument("--steps", type=int, default=10, help="AdamW steps on the state's batch (default 10)")
+    p.add_argument("--write-state", metavar="FILE", help="instead, write MODEL's debug state on the first batch of "
+                   "--data (llm.c's train_gpt2.py), for llm.c's test_gpt2 or `gptkit validate --debug-state FILE`")
+    p.add_argument("--data", help="with --write-state: a prepared data directory")
+    p.add_argument("--split", default="val", help="with --write-state: the split read (default val, as llm.c)")
+    p.add_argument("-B", "--batch-size", type=int, default=4, help="with --write-state: B (default 4, llm.c's)")
+    p.add_argument("-T", "--block-size", type=int, default=64, help="with --write-state: T (default 64, llm.c's)")
 
     def run(a):
+        if a.write_state:
+            if not a.data:
+                raise GptkitError("--write-state needs --data DIR", "--data", "give a prepared data directory")
+            validate.write_state_from_data(a.model, a.data, a.write_state, a.batch_size, a.block_size, a.split)
+            return 0
+        if not a.debug_state:
+            raise GptkitError("give --debug-state STATE (or --write-state FILE --data DIR)", "--debug-state",
+                              "see `gptkit validate --help`")
         return 0 if validate.validate(a.model, a.debug_state, a.steps).ok else 1
     return run
 

@@ -8,6 +8,10 @@ betas 0.9/0.999, eps 1e-8, weight decay 0.01 on every parameter, llm.c's `gpt2_u
 each step's loss, measured before its update.
 
 Pass: logits and loss within 1e-2, every gradient within 2e-2 (test_gpt2's tolerances).
+
+`write_state_from_data` writes such a state itself, as llm.c's train_gpt2.py does: x, y are the first
+batch of a split read in file order (llm.c's loader, B*T+1 tokens), with B=4, T=64 by default;
+train_gpt2.py reads tiny_shakespeare_val.bin by default, hence split "val".
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from gptkit.data import TokenLoader
 from gptkit.errors import GptkitError
 from gptkit.formats.llmc import MODEL_ORDER, DebugState, read_state, stack_param, write_state
 from gptkit.loading import load_model
@@ -125,4 +130,30 @@ def write_debug_state(model, x: torch.Tensor, y: torch.Tensor, path: str | Path)
     """Write the debug state of a gptkit model on (x, y), as llm.c's train_gpt2.py does."""
     st = debug_state(model, x, y)
     write_state(path, st, model.config)
+    return st
+
+
+def write_state_from_data(model_path: str | Path, data_dir: str | Path, out: str | Path, batch_size: int = 4,
+                          block_size: int = 64, split: str = "val", log: Callable[[str], None] = print) -> DebugState:
+    """`gptkit validate --write-state`: MODEL's debug state on the first sequential (B, T) batch of
+    `split` in `data_dir`, written to `out` for llm.c's test_gpt2 (or `gptkit validate`)."""
+    for name, v in (("--batch-size", batch_size), ("--block-size", block_size)):
+        if v <= 0:
+            raise GptkitError(f"must be > 0, got {v}", name, "give a positive size")
+    loaded = load_model(model_path)
+    model = loaded.model.float()
+    config = model.config
+    if config.family != "gpt2":
+        raise GptkitError(f"llm.c's debug state holds GPT-2 models only, this one is {config.family}", "--model",
+                          "write states for a GPT-2 family model")
+    if block_size > config.block_size:
+        raise GptkitError(f"block size {block_size} exceeds the model's context {config.block_size}", "--block-size",
+                          f"use --block-size {config.block_size} or less")
+    x, y = TokenLoader(data_dir, split, batch_size, block_size, mode="sequential",
+                       vocab_size=config.vocab_size).next_batch()
+    model.train(False)
+    st = write_debug_state(model, x, y, out)
+    model.zero_grad(set_to_none=True)
+    log(f"wrote {out}: B={batch_size} T={block_size} from the first batch of {split} in {data_dir}; "
+        f"loss {float(st.loss):.6f}")
     return st
