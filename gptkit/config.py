@@ -250,6 +250,13 @@ def model_preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**MODEL_PRESETS[name], **overrides})
 
 
+# the values a TrainConfig key may take, where it takes one of a few names
+TRAIN_CHOICES = {"optimizer": ("adamw", "muon"), "loader": ("random", "sequential"),
+                 "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                 "optim_dtype": ("float32", "bfloat16", "fp32", "bf16"),
+                 "param_dtype": ("auto", "float32", "bfloat16", "fp32", "bf16")}
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the architecture. Every field is a `key=value`."""
@@ -354,19 +361,12 @@ class TrainConfig:
                               "sample_temperature", "fix the sample_* values")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise GptkitError("weight_decay and grad_clip must be >= 0", "weight_decay", "set them to 0 or more")
-        if self.optimizer not in ("adamw", "muon"):
-            raise GptkitError(f"unknown optimizer {self.optimizer!r}", "optimizer", "use adamw or muon")
+        for name, allowed in TRAIN_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise GptkitError(f"unknown {name} {getattr(self, name)!r}", name, f"use one of {', '.join(allowed)}")
         if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1:
             raise GptkitError(f"need muon_lr > 0 and 0 <= muon_momentum < 1, got {self.muon_lr}, {self.muon_momentum}",
                               "muon_lr", "set muon_lr > 0 and muon_momentum in [0, 1)")
-        if self.loader not in ("random", "sequential"):
-            raise GptkitError(f"unknown loader {self.loader!r}", "loader", "use random or sequential")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-            raise GptkitError(f"unknown dtype {self.dtype!r}", "dtype", "use auto, float32, bfloat16 or float16")
-        if self.optim_dtype not in ("float32", "bfloat16", "fp32", "bf16"):
-            raise GptkitError(f"unknown optim_dtype {self.optim_dtype!r}", "optim_dtype", "use float32 or bfloat16")
-        if self.param_dtype not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
-            raise GptkitError(f"unknown param_dtype {self.param_dtype!r}", "param_dtype", "use float32 or bfloat16")
         if not self.max_time >= 0 or not self.ckpt_every_s >= 0:
             if not self.ckpt_every_s >= 0:
                 raise GptkitError(f"ckpt_every_s must be >= 0 seconds, got {self.ckpt_every_s!r}", "ckpt_every_s",
@@ -538,58 +538,6 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
 
 # keys a resumed run may change: its length, its logging and where and how fast it runs. The others
 # (the data order, the batch, the optimizer, the schedule, the architecture) define the run itself.
-RESUME_KEYS = ("max_steps", "max_time", "eval_interval", "eval_batches", "final_eval", "sample_interval",
-               "sample_tokens", "sample_temperature", "sample_top_k", "sample_top_p", "ckpt_interval",
-               "ckpt_every_s", "keep_last", "log_interval", "device", "dtype", "compile", "threads", "progress",
-               "max_bad_steps", "loggers", "wandb_project", "out", "data", "attention", "activation_checkpointing",
-               "fsdp")
-
-
-def resume_config(saved: dict[str, Any], saved_model: dict[str, Any], config_file: str | Path | None = None,
-                  overrides: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
-    """The config of a resumed run: the run's own (`saved`, from its checkpoint), with the keys of
-    `config_file` and `overrides` that differ from it applied. Only RESUME_KEYS may differ.
-    Returns (TrainConfig, {}, {key: [old, new]} of what changed)."""
-    given, given_model = resolve_config(config_file, overrides)
-    named = set(overrides or {})
-    if config_file:
-        raw = load_toml(config_file)
-        named |= {k for k in raw if not isinstance(raw[k], dict)}
-        for table in ("model", ARCH_TABLE):
-            if isinstance(raw.get(table), dict):
-                named |= {k for k in raw[table] if k in TRAIN_KEYS}
-    base = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_KEYS})
-    vals = base.to_dict()
-    changes: dict[str, Any] = {}
-    for k in sorted(named):
-        if k not in TRAIN_KEYS:
-            continue
-        new = getattr(given, k)
-        if new == vals[k]:
-            continue
-        if k not in RESUME_KEYS:
-            where = f"{k}={overrides[k]}" if overrides and k in overrides else str(config_file or k)
-            raise GptkitError(f"{k} cannot change when a run is resumed (the run has {k}={vals[k]!r})", where,
-                              f"keys that may change: {', '.join(k for k in RESUME_KEYS if k != 'out')}; "
-                              "or start a new run with --init RUN_DIR")
-        changes[k] = [vals[k], new]
-        vals[k] = new
-    for k, v in given_model.items():
-        if k in saved_model and saved_model[k] != v:
-            raise GptkitError(f"{k} cannot change when a run is resumed (the model has {k}={saved_model[k]!r})",
-                              f"{k}={v}", "the architecture is the checkpoint's; start a new run with --init RUN_DIR")
-    if "max_steps" in changes and "max_time" not in named and vals["max_time"]:
-        # as in a new run: naming the length turns the default run's time budget off
-        changes["max_time"] = [vals["max_time"], 0.0]
-        vals["max_time"] = 0.0
-    if "max_steps" in changes and not vals["decay_steps"]:
-        # the cosine keeps the horizon it had (decay_steps=0 meant "until max_steps"), so the LR
-        # goes on from where it was: a longer run continues at min_lr, a shorter one stops earlier
-        changes["decay_steps"] = [0, changes["max_steps"][0]]
-        vals["decay_steps"] = changes["max_steps"][0]
-    return TrainConfig(**vals), {}, changes
-
-
 def config_help() -> str:
     """Every train key with its default, for `gptkit train --help`."""
     d = TrainConfig()

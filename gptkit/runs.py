@@ -4,7 +4,7 @@ the signals that stop a run cleanly.
 - A new run gets `runs/<timestamp>`, made with an exclusive mkdir, so two runs started in the same
   second get two directories; `runs/latest` names the newest.
 - `--resume` continues a run with its own saved config (its latest checkpoint's state.json); only the
-  keys that may change mid-run (config.RESUME_KEYS) may be given again with other values.
+  keys that may change mid-run (RESUME_KEYS) may be given again with other values.
 - SIGINT and SIGTERM ask the trainer to save at the next step boundary and stop (StopSignals).
 """
 
@@ -22,12 +22,64 @@ import torch
 import torch.distributed as tdist
 
 from gptkit.checkpoint import clean_partial, find_checkpoint, list_checkpoints, read_state
-from gptkit.config import TrainConfig, resolve_config, resume_config
+from gptkit.config import ARCH_TABLE, TRAIN_KEYS, TrainConfig, load_toml, resolve_config
 from gptkit.errors import GptkitError, make_dir
 from gptkit.metrics import truncate_metrics
 
 RUNS_DIR = "runs"
 LATEST = "latest"  # runs/latest: a link to (or, where links are unavailable, a file naming) the newest run
+
+
+RESUME_KEYS = ("max_steps", "max_time", "eval_interval", "eval_batches", "final_eval", "sample_interval",
+               "sample_tokens", "sample_temperature", "sample_top_k", "sample_top_p", "ckpt_interval",
+               "ckpt_every_s", "keep_last", "log_interval", "device", "dtype", "compile", "threads", "progress",
+               "max_bad_steps", "loggers", "wandb_project", "out", "data", "attention", "activation_checkpointing",
+               "fsdp")
+
+
+def resume_config(saved: dict[str, Any], saved_model: dict[str, Any], config_file: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
+    """The config of a resumed run: the run's own (`saved`, from its checkpoint), with the keys of
+    `config_file` and `overrides` that differ from it applied. Only RESUME_KEYS may differ.
+    Returns (TrainConfig, {}, {key: [old, new]} of what changed)."""
+    given, given_model = resolve_config(config_file, overrides)
+    named = set(overrides or {})
+    if config_file:
+        raw = load_toml(config_file)
+        named |= {k for k in raw if not isinstance(raw[k], dict)}
+        for table in ("model", ARCH_TABLE):
+            if isinstance(raw.get(table), dict):
+                named |= {k for k in raw[table] if k in TRAIN_KEYS}
+    base = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_KEYS})
+    vals = base.to_dict()
+    changes: dict[str, Any] = {}
+    for k in sorted(named):
+        if k not in TRAIN_KEYS:
+            continue
+        new = getattr(given, k)
+        if new == vals[k]:
+            continue
+        if k not in RESUME_KEYS:
+            where = f"{k}={overrides[k]}" if overrides and k in overrides else str(config_file or k)
+            raise GptkitError(f"{k} cannot change when a run is resumed (the run has {k}={vals[k]!r})", where,
+                              f"keys that may change: {', '.join(k for k in RESUME_KEYS if k != 'out')}; "
+                              "or start a new run with --init RUN_DIR")
+        changes[k] = [vals[k], new]
+        vals[k] = new
+    for k, v in given_model.items():
+        if k in saved_model and saved_model[k] != v:
+            raise GptkitError(f"{k} cannot change when a run is resumed (the model has {k}={saved_model[k]!r})",
+                              f"{k}={v}", "the architecture is the checkpoint's; start a new run with --init RUN_DIR")
+    if "max_steps" in changes and "max_time" not in named and vals["max_time"]:
+        # as in a new run: naming the length turns the default run's time budget off
+        changes["max_time"] = [vals["max_time"], 0.0]
+        vals["max_time"] = 0.0
+    if "max_steps" in changes and not vals["decay_steps"]:
+        # the cosine keeps the horizon it had (decay_steps=0 meant "until max_steps"), so the LR
+        # goes on from where it was: a longer run continues at min_lr, a shorter one stops earlier
+        changes["decay_steps"] = [0, changes["max_steps"][0]]
+        vals["decay_steps"] = changes["max_steps"][0]
+    return TrainConfig(**vals), {}, changes
 
 
 def new_run_dir(base: str | Path = RUNS_DIR) -> Path:
