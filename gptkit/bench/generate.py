@@ -19,7 +19,7 @@ import torch
 
 from gptkit.config import model_preset
 from gptkit.errors import GptkitError
-from gptkit.formats.hf import config_to_hf, state_dict_to_hf
+from gptkit.bench.hf_twin import hf_model_from
 from gptkit.generate import Generation, SamplingParams, generate_batch
 from gptkit.loading import load_model
 from gptkit.model import GPT
@@ -28,22 +28,6 @@ from gptkit.quantize import normalize_dtype, quantize_for_inference
 from gptkit.tokenizer import gpt2_tokenizer
 
 HELP = "generation tokens/s, batch 1 and 16 prompts, vs transformers"
-
-
-def _hf_model_from(model):
-    """A transformers GPT2LMHeadModel holding the same weights as a gptkit GPT."""
-    try:
-        import transformers
-    except ImportError:
-        raise GptkitError("transformers is not installed", "--compare hf", "pip install transformers") from None
-    cfg = transformers.GPT2Config(**{k: v for k, v in config_to_hf(model.config).items() if k != "architectures"})
-    hf = transformers.GPT2LMHeadModel(cfg)
-    sd = state_dict_to_hf(model.state_dict(), model.config)
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if any(not k.endswith("lm_head.weight") for k in missing):
-        raise RuntimeError(f"weights missing in the transformers model: {missing}")
-    hf.tie_weights()
-    return hf.eval()
 
 
 def _prompts(batch: int, prompt_tokens: int, vocab: int, seed: int) -> list[list[int]]:
@@ -130,7 +114,7 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
         raise GptkitError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceed the context "
                           f"{model.config.block_size}", "--new-tokens", "use fewer --prompt-tokens or --new-tokens")
     variants = {d: quantize_for_inference(model, d) for d in dtypes}
-    hf = _hf_model_from(model) if compare == "hf" else None
+    hf = hf_model_from(model) if compare == "hf" else None
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         ignore_eot=True, seed=seed)
     quality_fields = {}

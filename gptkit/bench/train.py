@@ -1,8 +1,8 @@
 """`gptkit bench train`: the median training-step time, tokens per second and MFU.
 
 It times whole training steps (forward + backward + AdamW step) of a randomly initialised model.
-With `--compare hf` it times transformers' GPT2LMHeadModel of the same shape, dtype and optimizer
-in the same process, so the two numbers share the machine's state.
+With `--compare hf` it times transformers' GPT2LMHeadModel (LlamaForCausalLM for a Llama preset) of
+the same shape, dtype and optimizer in the same process, so the two numbers share the machine's state.
 
 MFU = (6·N + 12·L·C·T) · tokens/s / peak (PaLM appendix B), with N = `num_params()` and the peak
 measured at the start of the run as the rate of a 2048³ GEMM in the run's dtype.
@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from gptkit import lora
+from gptkit.bench.hf_twin import hf_model_for
 from gptkit.config import MODEL_PRESETS, model_preset
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
@@ -124,16 +125,8 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
     gc.collect()
 
     if "hf" in (compare or []):
-        try:
-            import transformers
-        except ImportError:
-            raise GptkitError("transformers is not installed", "--compare hf", "pip install transformers") from None
-        hcfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                       n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                                       eos_token_id=None)
         torch.manual_seed(seed)
-        hf = transformers.GPT2LMHeadModel(hcfg).to(dev)
+        hf = hf_model_for(cfg).to(dev)  # GPT2LMHeadModel or LlamaForCausalLM, as the preset's family
         hf.train()
         hopt, _ = make_adamw(hf, lr=1e-4, weight_decay=0.1, device_type=dev.type)
         hfwd = torch.compile(hf) if compile else hf
@@ -145,7 +138,10 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
             hopt.step()
             hopt.zero_grad(set_to_none=True)
 
-        results.append(record("transformers", _step_times(hf_step, steps, warmup, sync), n_params))
+        row = record("transformers", _step_times(hf_step, steps, warmup, sync),
+                     sum(p.numel() for p in hf.parameters()))  # parameters() counts a tied head once
+        row.update(model_class=type(hf).__name__)
+        results.append(row)
         del hf, hopt, hfwd
         gc.collect()
     return results
