@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 # modules, not their functions: a runner looks its library function up when it runs (tests patch them)
-from gptkit import (__version__, bench, config, convert, data, evaluate, inference, plot, prepare, runs, serve, sft,
+from gptkit import (__version__, bench, chat, config, convert, data, evaluate, inference, plot, prepare, runs, serve,
+                    sft,
                     tasks, tokenizer_train, train, validate)
 from gptkit.errors import GptkitError
 
@@ -187,6 +188,29 @@ def _sample(p):
         inference.run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
                    a.vocab, a.device, stop=a.stop, repetition_penalty=a.repetition_penalty, num_beams=a.num_beams,
                    length_penalty=a.length_penalty, dtype=a.dtype, truncate=a.truncate)
+    return run
+
+
+@command("chat", "chat with a model in the terminal, through its chat template")
+def _chat(p):
+    p.add_argument("--model", required=True, help="run/checkpoint/HF directory, GGUF file or pretrained name")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template (or tokenizer_config.json) instead of the model's own")
+    p.add_argument("--system", default=None, help="a system message at the start of the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="per reply")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="reply i uses seed + i")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL)")
+    p.add_argument("--vocab", help="tokenizer.json or GPT-2 vocabulary file or directory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="weight precision for inference (weight-only)")
+
+    def run(a):
+        chat.run_chat(a.model, a.vocab, a.chat_template, a.system, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
+                      a.seed, a.repetition_penalty, a.device, a.dtype)
     return run
 
 
