@@ -23,19 +23,23 @@ pytest.importorskip("jinja2")
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    """(dir, transformers model, AutoTokenizer, stop ids): a random GQA Llama beside a ChatML tokenizer."""
-    d = tmp_path_factory.mktemp("chat") / "model"
-    H.build_bytelevel(d, chat_template=H.CHATML)
+def make_chat_dir(d, kind: str):
+    """(dir, transformers model, AutoTokenizer, stop ids): a random GQA Llama beside a ChatML
+    (byte-level BPE) or Llama-3 (tiktoken-style BPE) tokenizer and template."""
+    if kind == "chatml":
+        H.build_bytelevel(d, chat_template=H.CHATML)
+        eot, others = "<|im_end|>", ["<|endoftext|>"]
+    else:
+        H.build_llama3(d, chat_template=H.LLAMA3_TEMPLATE)
+        eot, others = "<|eot_id|>", ["<|end_of_text|>"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(d)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    tie_word_embeddings=False, initializer_range=0.5)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    im_end = hf_tok.convert_tokens_to_ids("<|im_end|>")
-    stops = [im_end, hf_tok.convert_tokens_to_ids("<|endoftext|>")]
+    end = hf_tok.convert_tokens_to_ids(eot)
+    stops = [end] + [hf_tok.convert_tokens_to_ids(t) for t in others]
     # make the end-of-turn token win after a few tokens of the first reply: its head row becomes
     # the row of the token greedy decoding picks there, slightly larger
     ids = hf_tok.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True,
@@ -44,9 +48,19 @@ def chat_dir(tmp_path_factory):
         free = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(ids):]
         w = model.lm_head.weight
-        w[im_end] = w[free[4]] * 1.05
+        w[end] = w[free[4]] * 1.05
     model.save_pretrained(d)
     return d, model, hf_tok, stops
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    return make_chat_dir(tmp_path_factory.mktemp("chat") / "model", "chatml")
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    return make_chat_dir(tmp_path_factory.mktemp("chat3") / "model", "llama3")
 
 
 def reference_reply(model, hf_tok, stops, messages) -> str:
@@ -67,8 +81,9 @@ def lines(*xs):
     return read
 
 
-def test_chat_replies_equal_transformers_greedy_on_the_rendered_history(chat_dir):
-    d, model, hf_tok, stops = chat_dir
+@pytest.mark.parametrize("which", ["chat_dir", "llama3_dir"], ids=["chatml", "llama3"])
+def test_chat_replies_equal_transformers_greedy_on_the_rendered_history(request, which):
+    d, model, hf_tok, stops = request.getfixturevalue(which)
     out = []
     history = run_chat(str(d), temperature=0, max_new_tokens=MAX_NEW, device="cpu", system="Be brief.",
                        read=lines("Hello there", "What next?", "/reset", "Again"), write=out.append)
