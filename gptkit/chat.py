@@ -5,8 +5,8 @@ add_generation_prompt=True)` does (chat_template.py), encodes it without adding 
 apply_chat_template's tokenize=True does: the template writes bos itself), and streams the reply
 until the template's end-of-turn token (or its text, where the vocabulary lacks it as one token).
 The reply joins the history as the assistant's message. `/reset` clears the history (the system
-message stays), `/exit` or end of input ends the chat. Turns that no longer fit the context drop
-the oldest exchanges first.
+message stays), `/exit` or end of input ends the chat, Ctrl-C stops a reply (the turn is dropped).
+Turns that no longer fit the context drop the oldest exchanges first.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write: C
             session.reply(line.rstrip("\n"), write)
         except GptkitError as e:
             write(e.line() + "\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat; the turn is forgotten
+            write("\n(interrupted)\n")
             continue
         write("\n")
     return session.history

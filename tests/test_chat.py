@@ -129,6 +129,37 @@ def test_exit_ends_the_chat_and_a_template_error_is_one_line(chat_dir, tmp_path)
     assert out[0].startswith("error: the chat template raised: no chatting today") and out[1] == "\n"
 
 
+def test_turns_past_the_context_drop_the_oldest_exchanges(chat_dir):
+    d, model, hf_tok, stops = chat_dir
+    msgs = [f"message {i}: " + "the quick brown fox " * 12 for i in range(5)]
+    history = run_chat(str(d), temperature=0, max_new_tokens=MAX_NEW, device="cpu", read=lines(*msgs),
+                       write=lambda s: None)
+    users = [m["content"] for m in history if m["role"] == "user"]
+    assert users[-1] == msgs[-1] and users[0] != msgs[0] and users == msgs[-len(users):]
+    kept = history[:-1]
+    assert len(hf_tok.apply_chat_template(kept, add_generation_prompt=True, return_dict=False)) < 256
+    assert history[-1]["content"] == reference_reply(model, hf_tok, stops, kept)
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_dir, monkeypatch):
+    d, model, hf_tok, stops = chat_dir
+    real = ChatSession.reply
+
+    def interrupted(self, text, write):
+        if text == "stop me":
+            write("par")
+            raise KeyboardInterrupt
+        return real(self, text, write)
+
+    monkeypatch.setattr(ChatSession, "reply", interrupted)
+    out = []
+    history = run_chat(str(d), temperature=0, max_new_tokens=MAX_NEW, device="cpu",
+                       read=lines("stop me", "Hello there"), write=out.append)
+    first = reference_reply(model, hf_tok, stops, [{"role": "user", "content": "Hello there"}])
+    assert "".join(out) == "par\n(interrupted)\n" + first + "\n\n"
+    assert [m["content"] for m in history] == ["Hello there", first]
+
+
 def test_a_gpt2_model_without_template_is_refused_unless_one_is_given(tmp_path, gpt2_vocab_path, capsys):
     from gptkit.checkpoint import save_checkpoint
     from gptkit.cli import main
