@@ -262,6 +262,9 @@ def test_bench_generate_loads_a_llama_dir_and_its_transformers_twin_has_equal_lo
     rows = bench_generate(str(tmp_path / "hf"), batches=(1, 2), prompt_tokens=4, new_tokens=4, compare="hf",
                           repeats=1, quality=False)
     assert {(r["system"], r["batch"]) for r in rows} == {(s, b) for s in ("gptkit", "transformers") for b in (1, 2)}
+    rows = bench_generate("llama-tiny", batches=(2,), prompt_tokens=4, new_tokens=4, compare="hf", repeats=1,
+                          quality=False)  # a preset: its shape with random weights
+    assert [r["model"] for r in rows] == ["llama-tiny (random weights)"] * 2
 
 
 # ------------------------------------------------------------------------------------------------

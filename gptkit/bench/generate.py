@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from gptkit.config import model_preset
-from gptkit.errors import GptkitError
 from gptkit.bench.hf_twin import hf_model_from
+from gptkit.config import MODEL_PRESETS, model_preset
+from gptkit.errors import GptkitError
+from gptkit.formats.hub import is_pretrained_name
 from gptkit.generate import Generation, SamplingParams, generate_batch
 from gptkit.loading import load_model
 from gptkit.model import GPT
@@ -105,11 +107,12 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
     dtypes = [normalize_dtype(d) for d in dtypes]
     if threads:
         torch.set_num_threads(threads)
-    if model_path:
-        model, name = load_model(model_path).model.eval(), str(model_path)
+    preset = model_path or "gpt2"
+    if not model_path or (preset in MODEL_PRESETS and not is_pretrained_name(preset) and not Path(preset).exists()):
+        torch.manual_seed(seed)  # an architecture preset (llama-tiny, gpt2-mini, ...) with random weights
+        model, name, model_path = GPT(model_preset(preset)).eval(), f"{preset} (random weights)", None
     else:
-        torch.manual_seed(seed)
-        model, name = GPT(model_preset("gpt2")).eval(), "gpt2 (random weights)"
+        model, name = load_model(model_path).model.eval(), str(model_path)
     if prompt_tokens + new_tokens > model.config.block_size:
         raise GptkitError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceed the context "
                           f"{model.config.block_size}", "--new-tokens", "use fewer --prompt-tokens or --new-tokens")
@@ -157,7 +160,8 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="model to load (default: the gpt2 shape with random weights)")
+    p.add_argument("--model", help="model to load, or an architecture preset such as llama-tiny for random "
+                   "weights (default: the gpt2 shape with random weights)")
     p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
