@@ -56,7 +56,9 @@ class ChatSession:
             if len(messages) - head <= 1:
                 raise GptkitError(f"the message takes {len(ids)} tokens with the template, over the context of "
                                   f"{self.model.config.block_size}", "chat", "send a shorter message")
-            messages = messages[:head] + messages[head + 1:]
+            # an exchange at a time, so user and assistant still alternate (templates check that)
+            n = 2 if messages[head]["role"] == "user" and messages[head + 1]["role"] == "assistant" else 1
+            messages = messages[:head] + messages[head + n:]
 
     def reply(self, text: str, write: Callable[[str], object] = lambda s: None) -> str:
         messages, ids = self._fit(self.history + [{"role": "user", "content": text}])

@@ -136,6 +136,7 @@ def test_turns_past_the_context_drop_the_oldest_exchanges(chat_dir):
                        write=lambda s: None)
     users = [m["content"] for m in history if m["role"] == "user"]
     assert users[-1] == msgs[-1] and users[0] != msgs[0] and users == msgs[-len(users):]
+    assert [m["role"] for m in history] == ["user", "assistant"] * len(users)
     kept = history[:-1]
     assert len(hf_tok.apply_chat_template(kept, add_generation_prompt=True, return_dict=False)) < 256
     assert history[-1]["content"] == reference_reply(model, hf_tok, stops, kept)
