@@ -14,8 +14,7 @@ from pathlib import Path
 
 # modules, not their functions: a runner looks its library function up when it runs (tests patch them)
 from gptkit import (__version__, bench, chat, config, convert, data, evaluate, inference, plot, prepare, runs, serve,
-                    sft,
-                    tasks, tokenizer_train, train, validate)
+                    sft, tasks, tokenizer_train, train, validate)
 from gptkit.errors import GptkitError
 
 

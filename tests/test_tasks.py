@@ -400,7 +400,9 @@ def test_eval_tasks_during_training_log_acc_norm_at_every_eval(char_data, tmp_pa
     f = write_jsonl(tmp_path / "hs.jsonl", CHAR_ITEMS + [{"ctx": "the", "endings": ["x", "y"], "label": 0}])
     _train(char_data, tmp_path / "run", eval_tasks="hellaswag", eval_task_file=f, eval_task_limit=3)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "val_loss" in r]
+    # the step-0 row is the initial weights' val loss alone (kept cheap: it runs inside the time budget)
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0] and "hellaswag_acc_norm" not in rows[0]
+    evals = [r for r in rows if "val_loss" in r and r["step"] > 0]
     assert [r["step"] for r in evals] == [3, 6] and evals[-1].get("final")
     for r in evals:
         assert 0 <= r["hellaswag_acc_norm"] <= 1 and 0 <= r["hellaswag_acc"] <= 1
