@@ -260,14 +260,16 @@ def _eval(p):
 def _convert(p):
     p.add_argument("src", metavar="SRC", help="anything loadable: run/checkpoint/HF/TF directory, llm.c .bin, gpt2...")
     p.add_argument("dst", metavar="DST", help="output directory")
-    p.add_argument("--to", required=True, choices=["gptkit", "hf", "llmc", "llmc-bf16", "peft"],
+    p.add_argument("--to", required=True, choices=["gptkit", "hf", "llmc", "llmc-bf16", "peft", "gguf"],
                    help="gptkit checkpoint, Hugging Face directory, llm.c model.bin (fp32 v3 / bf16 v5) "
-                        "+ tokenizer.bin, or a LoRA run's adapters for PEFT (hf: merged)")
+                        "+ tokenizer.bin, a LoRA run's adapters for PEFT (hf: merged), or a llama.cpp .gguf file "
+                        "(DST is the file)")
     p.add_argument("--vocab", help="GPT-2 vocabulary file or directory (for llm.c's tokenizer.bin)")
     p.add_argument("--force", action="store_true", help="replace a DST that is not empty (its files are removed)")
+    p.add_argument("--dtype", default="f32", help="--to gguf: weight type f32 | f16 | q8_0 (default f32)")
 
     def run(a):
-        res = convert.convert(a.src, a.dst, a.to, a.vocab, force=a.force)
+        res = convert.convert(a.src, a.dst, a.to, a.vocab, force=a.force, dtype=a.dtype)
         for note in res.notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {res.dst} ({a.to}): {', '.join(f.name for f in res.files)}")

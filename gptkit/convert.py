@@ -1,4 +1,4 @@
-"""`gptkit convert SRC DST --to gptkit|hf|llmc|llmc-bf16|peft`: any loadable model into any format.
+"""`gptkit convert SRC DST --to gptkit|hf|llmc|llmc-bf16|peft|gguf`: any loadable model into any format.
 
 SRC is anything gptkit.loading recognises. The targets:
 - gptkit: a run directory DST holding one checkpoint (model.safetensors + state.json), which
@@ -9,6 +9,7 @@ SRC is anything gptkit.loading recognises. The targets:
   (GPT-2's BPE for a 50257-token model, the char vocab for a char model);
 - peft: a LoRA run's adapters for `peft.PeftModel.from_pretrained(base, DST)` (gptkit/formats/peft.py).
   From a LoRA run every other target writes the merged model.
+- gguf: a llama.cpp .gguf file DST (`--dtype f32|f16|q8_0`) with the model's tokenizer (formats/gguf.py).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ import torch
 
 from gptkit import lora
 from gptkit.checkpoint import find_checkpoint, read_state, save_checkpoint
-from gptkit.config import GPT2_VOCAB_SIZE
+from gptkit.config import GPT2_EOT, GPT2_VOCAB_SIZE
 from gptkit.errors import GptkitError, make_dir
-from gptkit.formats import llmc
+from gptkit.formats import gguf, llmc
 from gptkit.formats.hf import save_hf
 from gptkit.formats.peft import write_peft
+from gptkit.hf_tokenizer import gpt2_hf_files
 from gptkit.loading import load_checkpoint_model, load_model
 from gptkit.tokenizer import gpt2_tokenizer, save_tokenizer, tokenizer_for
 
-TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16", "peft")
+TARGETS = ("gptkit", "hf", "llmc", "llmc-bf16", "peft", "gguf")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "encoder.json", "vocab.bpe")
 
@@ -105,12 +107,14 @@ def export_peft(src: str | Path, dst: Path) -> list[Path]:
 
 
 def convert(src: str | Path, dst: str | Path, to: str, vocab: str | Path | None = None,
-            force: bool = False) -> ConvertResult:
+            force: bool = False, dtype: str = "f32") -> ConvertResult:
     """Load SRC and write it to DST in format `to` (one of TARGETS). A DST that exists and is not
     empty is refused unless `force`; then the new directory replaces it whole (written beside it,
-    then swapped in), so two models' files never mix."""
+    then swapped in), so two models' files never mix. `dtype` is GGUF's weight type."""
     if to not in TARGETS:
         raise GptkitError(f"unknown target format {to!r}", "--to", f"use one of {', '.join(TARGETS)}")
+    if to == "gguf":
+        return export_gguf(src, Path(dst), dtype, vocab, force)
     final = Path(dst)
     if final.exists() and not final.is_dir():
         raise GptkitError("destination exists and is not a directory", final, "give a directory path")
@@ -196,3 +200,41 @@ def _write(loaded, src, dst: Path, to: str, vocab) -> ConvertResult:
             llmc.write_tokenizer(dst / "tokenizer.bin", tok)
             res.files.append(dst / "tokenizer.bin")
     return res
+
+
+def export_gguf(src: str | Path, dst: Path, dtype: str, vocab: str | Path | None = None,
+                force: bool = False) -> ConvertResult:
+    """`--to gguf`: SRC as one .gguf file with its tokenizer's metadata (llama.cpp's gpt2 BPE)."""
+    if dtype not in gguf.EXPORT_DTYPES:
+        raise GptkitError(f"unsupported GGUF dtype {dtype!r}", "--dtype", f"use one of {', '.join(gguf.EXPORT_DTYPES)}")
+    if dst.is_dir():
+        raise GptkitError("destination is a directory", dst, "give a file path such as model.gguf")
+    if dst.exists() and not force:
+        raise GptkitError("destination file exists", dst, "give a new file name, or --force to replace it")
+    loaded = load_model(src)
+    res = ConvertResult(dst)
+    meta = gguf_tokenizer_for(loaded, vocab)
+    if meta is None:
+        res.notes.append("no tokenizer in the GGUF file: the model has no byte-level BPE tokenizer "
+                         "(a char vocabulary has no llama.cpp equivalent)")
+    gguf.write_gguf(dst, loaded.model, dtype, meta, name=Path(str(src)).name)
+    res.files.append(dst)
+    return res
+
+
+def gguf_tokenizer_for(loaded, vocab: str | Path | None = None) -> dict | None:
+    """The GGUF tokenizer metadata of a loaded model's tokenizer (tokenizer_for's: `--vocab`, a GGUF
+    source's own, a tokenizer.json beside the model, or GPT-2's BPE), or None for a char model."""
+    tok = tokenizer_for(loaded, vocab)
+    if tok.kind == "char":
+        return None
+    if tok.kind == "gpt2":
+        spec = json.loads(gpt2_hf_files({tok.token_bytes(i): i for i in range(GPT2_EOT)}, None)[0])
+        bos = eos = tok.eot
+        add_bos = False
+    else:
+        spec, bos, eos = tok.spec, tok.bos, tok.eos if tok.eos is not None else tok.eot
+        add_bos = bool(tok.config.get("add_bos_token", tok.encode("a", add_special_tokens=True)[:1] == [bos]))
+    template = tok.chat_template.source if tok.chat_template is not None else None
+    return gguf.tokenizer_metadata(spec, loaded.model.config.vocab_size, bos, eos, add_bos, template,
+                                   tok.source if tok.kind == "hf" else "tokenizer")

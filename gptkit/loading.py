@@ -4,6 +4,7 @@
 - a Hugging Face directory, GPT-2 or Llama family (config.json + model.safetensors, shards named
   by model.safetensors.index.json, or pytorch_model.bin);
 - an llm.c model .bin (v3 or v5);
+- a GGUF file (llama.cpp's format, architectures gpt2 and llama), with its tokenizer and chat template;
 - OpenAI's original TF checkpoint directory;
 - a pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, the Llama-family presets such as
   smollm2-135m, or one of their repo ids), through huggingface_hub.
@@ -23,7 +24,7 @@ import torch
 from gptkit import checkpoint, lora
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.formats import hf
+from gptkit.formats import gguf, hf
 from gptkit.formats.hub import download_pretrained, is_pretrained_name
 from gptkit.formats.llmc import MODEL_MAGIC, chars_beside, read_model
 from gptkit.formats.tf import load_tf
@@ -35,11 +36,13 @@ PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # more in g
 @dataclass
 class Loaded:
     model: GPT
-    kind: str  # gptkit | hf | llmc | tf
+    kind: str  # gptkit | hf | llmc | tf | gguf
     source: Path | None = None  # the file or directory the weights came from
     chars: list[str] | None = None  # char-level vocab, if the model has one
     tokenizer_dir: Path | None = None  # where BPE files may live beside the weights
     state: dict[str, Any] = field(default_factory=dict)  # state.json of a gptkit checkpoint
+    # a tokenizer the file itself carries (GGUF): {json: tokenizer.json text, config, chat_template}
+    tokenizer_spec: dict[str, Any] | None = None
 
 
 def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], where: str) -> GPT:
@@ -133,9 +136,16 @@ def load_model(path_or_name: str | Path, **kwargs) -> Loaded:
                           "(config.json + model.safetensors or its shards) or an OpenAI TF checkpoint (model.ckpt.index)")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head == gguf.MAGIC:
+        model, g = gguf.load_gguf_model(path)
+        try:
+            tok = gguf.read_tokenizer(g)
+        except GptkitError as e:  # raised when the tokenizer is asked for, so --vocab can stand in
+            tok = {"error": e}
+        return Loaded(model, "gguf", path, tokenizer_spec=tok)
     if head == MODEL_MAGIC.to_bytes(4, "little"):
         config, sd = read_model(path)
         return Loaded(build_model(config, sd, str(path)), "llmc", path, chars=chars_beside(path, config.vocab_size),
                       tokenizer_dir=path.parent)
     raise GptkitError("not a model file", path,
-                      "a single-file model must be an llm.c model .bin (magic 20240326)")
+                      "a single-file model must be an llm.c model .bin (magic 20240326) or a GGUF file (magic GGUF)")

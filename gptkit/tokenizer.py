@@ -10,7 +10,7 @@ files (tokenizer.json + tokenizer_config.json, plus vocab.json + merges.txt for 
 also what `convert --to hf` exports and what a run carries.
 
 Where a model's tokenizer comes from (INTERFACES.md, `tokenizer_for`): `--vocab`; a char model's
-own vocabulary; the model directory's own tokenizer.json (+ tokenizer_config.json, chat template
+own vocabulary; the tokenizer a GGUF file carries in its metadata; the model directory's own tokenizer.json (+ tokenizer_config.json, chat template
 from chat_template.jinja or tokenizer_config.json); for a 50257-token model, GPT-2's BPE. The
 GPT-2 vocabulary is found in the order INTERFACES.md gives:
   --vocab FILE_OR_DIR; $GPTKIT_GPT2_VOCAB; $GPTKIT_DATA/gpt2.tiktoken; BPE files inside the model
@@ -339,7 +339,7 @@ def _own_tokenizer_dirs(loaded) -> list[Path]:
 
 def tokenizer_for(loaded, vocab: str | Path | None = None, chat_template: str | Path | None = None):
     """The tokenizer of a loaded model (gptkit.loading.Loaded), in INTERFACES.md's order: `--vocab`;
-    a char model's own vocabulary; a tokenizer.json in the model's (or run's) directory; for a
+    a char model's own vocabulary; a GGUF file's own; a tokenizer.json in the model's (or run's) directory; for a
     50257-token model, GPT-2's BPE. A tokenizer with more ids than the model's embedding is an
     error. `chat_template`: a template file that replaces the model's own (see chat_template.py)."""
     vs = loaded.model.config.vocab_size
@@ -350,6 +350,8 @@ def tokenizer_for(loaded, vocab: str | Path | None = None, chat_template: str | 
         where = str(vocab)
     elif loaded.chars:
         tok = CharTokenizer(loaded.chars)
+    elif loaded.tokenizer_spec is not None:
+        tok = carried_tokenizer(loaded)
     else:
         own = next((d for d in _own_tokenizer_dirs(loaded) if (d / "tokenizer.json").is_file()), None)
         if own is not None:
@@ -379,6 +381,19 @@ def carried_chat_template(loaded, tok):
         if t is not None:
             return t
     return None
+
+
+def carried_tokenizer(loaded) -> HFTokenizer:
+    """The tokenizer a model file carries in itself (a GGUF file's metadata, rebuilt as a
+    tokenizer.json by formats/gguf.read_tokenizer), with its chat template."""
+    spec = loaded.tokenizer_spec
+    if "error" in spec:
+        raise spec["error"]
+    tok = HFTokenizer(spec["json"], spec["config"], str(loaded.source))
+    if spec.get("chat_template"):
+        tok.chat_template = ChatTemplate(spec["chat_template"], special_tokens_of(tok),
+                                         f"{loaded.source} (tokenizer.chat_template)")
+    return tok
 
 
 def token_byte_lengths(tok, n: int | None = None) -> list[int]:

@@ -26,6 +26,7 @@ ALLOWED_LAZY = (
     "wandb", "tensorboard", "torch.utils.tensorboard",  # metrics loggers
     "transformers",  # bench --compare hf
     "jinja2",  # chat templates (gptkit.chat_template, gptkit.sft): chat, /v1/chat/completions, `prepare chat`
+    "gguf",  # GGUF files (llama.cpp's format): read and write
     # FSDP and distributed state dicts: importing them costs ~3 s of start-up (DTensor, sympy),
     # which every run would pay inside its time budget; only fsdp=true runs load them
     "torch.distributed.fsdp", "torch.distributed.checkpoint",
