@@ -182,11 +182,16 @@ def _sample(p):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
                    help="weight precision for inference (weight-only)")
     p.add_argument("--truncate", action="store_true", help="cut a too-long prompt to its last tokens (warns)")
+    p.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="speculative decoding by prompt lookup (same output, fewer model passes on repeats)")
+    p.add_argument("--draft-model", help="speculative decoding with this smaller model (same tokenizer)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per step (speculative decoding)")
 
     def run(a):
         inference.run_sample(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.num_samples,
                    a.vocab, a.device, stop=a.stop, repetition_penalty=a.repetition_penalty, num_beams=a.num_beams,
-                   length_penalty=a.length_penalty, dtype=a.dtype, truncate=a.truncate)
+                   length_penalty=a.length_penalty, dtype=a.dtype, truncate=a.truncate,
+                   speculative=a.speculative, draft_model=a.draft_model, draft_k=a.draft_k)
     return run
 
 

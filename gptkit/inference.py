@@ -79,7 +79,8 @@ def run_sample(model_path: str, prompt: str = "", max_new_tokens: int = 200, tem
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
                vocab: str | None = None, device: str = "auto", out=None, *, stop: list[str] | None = None,
                repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
-               dtype: str = "float32", truncate: bool = False) -> list[str]:
+               dtype: str = "float32", truncate: bool = False, speculative: str | None = None,
+               draft_model: str | None = None, draft_k: int = 4) -> list[str]:
     """`gptkit sample`: load a model and print each sample as it is generated.
 
     Samples run in one batch; the first unfinished one (in order) is printed live, the others
@@ -110,6 +111,9 @@ def run_sample(model_path: str, prompt: str = "", max_new_tokens: int = 200, tem
     if num_beams > 1:
         return _print_beams(model, tok, prompt, ids, max_new_tokens, tuple(stop or ()), num_beams, length_penalty,
                             num_samples, write)
+    if speculative or draft_model:
+        return _print_speculative(model, tok, prompt, ids, sp, seed, num_samples, vocab, device, dtype,
+                                  draft_model, draft_k, write)
     sps = [SamplingParams(**{**sp.__dict__, "seed": None if seed is None else seed + i}) for i in range(num_samples)]
     return _print_samples(Generation(model, [ids] * num_samples, sps, tok), prompt, num_samples, write)
 
@@ -130,6 +134,52 @@ def _print_beams(model, tok, prompt: str, ids: list[int], max_new_tokens: int, s
         if num_samples > 1:
             write(f"--- beam {i + 1} (score {score:.4f}) ---\n")
         write(prompt + text + "\n")
+    return texts
+
+
+def same_tokenizer(a, b) -> bool:
+    """Do two tokenizers map ids to the same text (checked on a spread of ids and a probe text)?"""
+    if a.vocab_size != b.vocab_size or a.eot != b.eot:
+        return False
+    probe = "Hello, world! The quick brown fox.\n  def f(x): return x * 2"
+    if a.encode(probe) != b.encode(probe):
+        return False
+    ids = range(0, a.vocab_size, max(1, a.vocab_size // 1024))
+    return all(a.decode([i]) == b.decode([i]) for i in ids)
+
+
+def _print_speculative(model, tok, prompt: str, ids: list[int], sp: SamplingParams, seed: int | None,
+                       num_samples: int, vocab, device, dtype, draft_model: str | None, draft_k: int,
+                       write: Callable[[str], object]) -> list[str]:
+    """`--speculative ngram` or `--draft-model`: each sample by speculative decoding (batch 1, one
+    sample after the other); the same text as without it. Acceptance goes to stderr."""
+    from gptkit.speculative import ModelDrafter, NgramDrafter, speculative_generate
+
+    if sp.repetition_penalty != 1.0 or sp.stop:
+        raise GptkitError("speculative decoding takes temperature, top-k and top-p only", "--speculative",
+                          "drop --repetition-penalty and --stop, or speculative decoding")
+    if draft_k < 1:
+        raise GptkitError(f"must be >= 1, got {draft_k}", "--draft-k", "draft at least one token per step")
+    drafter = NgramDrafter()
+    if draft_model:
+        dmodel, dtok = load_for_inference(draft_model, vocab, device, dtype)
+        if not same_tokenizer(tok, dtok) or dmodel.config.vocab_size != model.config.vocab_size:
+            raise GptkitError("the draft model's tokenizer differs from the model's", "--draft-model",
+                              "use a draft model trained with the same tokenizer (e.g. gpt2 for gpt2-xl)")
+        drafter = ModelDrafter(dmodel)
+    texts = []
+    for i in range(num_samples):
+        g = torch.Generator().manual_seed(seed + i) if seed is not None else None
+        drafter.generator = g
+        out, stats = speculative_generate(model, ids, drafter, sp.max_new_tokens, draft_k, sp.temperature, sp.top_k,
+                                          sp.top_p, sp.stop_token_ids, g)
+        text = tok.decode(out)
+        texts.append(text)
+        if num_samples > 1:
+            write(f"--- sample {i + 1} ---\n")
+        write(prompt + text + "\n")
+        print(f"speculative: {stats.accepted}/{stats.drafted} drafts accepted, {stats.new_tokens} tokens in "
+              f"{stats.target_passes} passes of the model", file=sys.stderr)
     return texts
 
 

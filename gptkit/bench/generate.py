@@ -178,6 +178,10 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
                    help="also time this system in the same run: hf (transformers)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--speculative", choices=["ngram", "draft"],
+                   help="instead: speculative vs plain greedy decoding (batch 1), on repetitive and plain text")
+    p.add_argument("--draft-model", help="--speculative draft: the draft model (default: the model's first 2 layers)")
+    p.add_argument("--draft-k", type=int, default=4, help="--speculative: tokens drafted per step")
 
 
 def _int_list(s: str, opt: str) -> list[int]:
@@ -194,6 +198,11 @@ def run(a) -> int:
         if a.json:
             print(json.dumps(r), flush=True)
 
+    if a.speculative:
+        res = _run_speculative(a, emit)
+        if not a.json:
+            print(format_table(res))
+        return 0
     res = bench_generate(a.model, _int_list(a.batch, "--batch"), a.prompt_tokens, a.new_tokens, a.temperature,
                          a.top_k, a.top_p, [d.strip() for d in a.dtype.split(",") if d.strip()],
                          "hf" if a.compare else None,
@@ -203,9 +212,34 @@ def run(a) -> int:
     return 0
 
 
+def _run_speculative(a, emit) -> list[dict]:
+    """`--speculative`: the model (or the gpt2 shape with random weights) and its tokenizer."""
+    from gptkit.bench.speculative import bench_speculative
+    from gptkit.inference import load_for_inference, same_tokenizer
+    from gptkit.tokenizer import tokenizer_for
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.model:
+        loaded = load_model(a.model)
+        model, tok = loaded.model.eval(), tokenizer_for(loaded, a.vocab)
+    else:
+        torch.manual_seed(a.seed)
+        model, tok = GPT(model_preset("gpt2")).eval(), gpt2_tokenizer(a.vocab)
+    model = quantize_for_inference(model, normalize_dtype(a.dtype.split(",")[0]))
+    draft = None
+    if a.draft_model:
+        draft, dtok = load_for_inference(a.draft_model, a.vocab, "cpu", a.dtype.split(",")[0])
+        if not same_tokenizer(tok, dtok):
+            raise GptkitError("the draft model's tokenizer differs from the model's", "--draft-model",
+                              "use a draft model trained with the same tokenizer")
+    return bench_speculative(model, tok, a.speculative, draft, a.new_tokens, a.draft_k, a.repeats, emit)
+
+
 def format_table(rows: list[dict]) -> str:
-    cols = ["system", "dtype", "batch", "prompt_tokens", "new_tokens", "tok_per_s", "vs_transformers",
-            "greedy_agree", "ppl_ratio"]
+    cols = ["system", "speculative", "text", "dtype", "batch", "prompt_tokens", "new_tokens", "tok_per_s",
+            "vs_transformers", "greedy_agree", "ppl_ratio", "acceptance", "tokens_per_pass", "plain_tok_per_s",
+            "speedup", "same"]
     cols = [c for c in cols if any(c in r for r in rows)]
     cells = [[str(r.get(c, "")) for c in cols] for r in rows]
     w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
