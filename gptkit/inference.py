@@ -137,12 +137,19 @@ def _print_beams(model, tok, prompt: str, ids: list[int], max_new_tokens: int, s
     return texts
 
 
+def _encode_or_none(tok, text: str):
+    try:
+        return tok.encode(text)
+    except GptkitError:  # a char vocabulary without some of the probe's characters
+        return None
+
+
 def same_tokenizer(a, b) -> bool:
     """Do two tokenizers map ids to the same text (checked on a spread of ids and a probe text)?"""
     if a.vocab_size != b.vocab_size or a.eot != b.eot:
         return False
     probe = "Hello, world! The quick brown fox.\n  def f(x): return x * 2"
-    if a.encode(probe) != b.encode(probe):
+    if _encode_or_none(a, probe) != _encode_or_none(b, probe):
         return False
     ids = range(0, a.vocab_size, max(1, a.vocab_size // 1024))
     return all(a.decode([i]) == b.decode([i]) for i in ids)

@@ -131,3 +131,24 @@ def test_sampled_speculative_has_the_target_distribution(drafter_kind, sampling)
     assert abs(sum(probs.values()) - 1) < 1e-5
     assert all(probs[k] > 0 for k in counts)  # nothing outside top-k/top-p was ever produced
     assert chi_square_pvalue(counts, probs, N) > 0.001
+
+
+def test_sample_cli_speculative_prints_plain_decodings_text_and_refuses_another_tokenizer(capsys, tmp_path):
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.cli import main
+
+    chars = list("abcd\n")
+    for name, seed, cs in (("big", 0, chars), ("small", 1, chars), ("other", 2, list("wxyz\n"))):
+        m = tiny(vocab_size=5, block_size=32, seed=seed, n_layer=2 if name == "big" else 1)
+        save_checkpoint(tmp_path / name, 1, m, {"model_config": m.config.to_dict(), "chars": cs})
+    base = ["sample", "--model", str(tmp_path / "big"), "--prompt", "abcabcab", "--temperature", "0",
+            "--max-new-tokens", "20"]
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    for extra in (["--speculative", "ngram"], ["--draft-model", str(tmp_path / "small"), "--draft-k", "3"]):
+        assert main(base + extra) == 0
+        out, err = capsys.readouterr()
+        assert out == want and "drafts accepted" in err
+    assert main(base + ["--draft-model", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "--draft-model" in err and "tokenizer" in err
