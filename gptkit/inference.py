@@ -19,6 +19,7 @@ from gptkit.generate import Generation, SamplingParams, prepare_prompt
 from gptkit.loading import load_model
 from gptkit.quantize import quantize_for_inference
 from gptkit.runtime import pick_device
+from gptkit.speculative import ModelDrafter, NgramDrafter, speculative_generate
 from gptkit.tokenizer import tokenizer_for
 
 # the CLI's spelling of SamplingParams' fields, for error messages
@@ -160,8 +161,6 @@ def _print_speculative(model, tok, prompt: str, ids: list[int], sp: SamplingPara
                        write: Callable[[str], object]) -> list[str]:
     """`--speculative ngram` or `--draft-model`: each sample by speculative decoding (batch 1, one
     sample after the other); the same text as without it. Acceptance goes to stderr."""
-    from gptkit.speculative import ModelDrafter, NgramDrafter, speculative_generate
-
     if sp.repetition_penalty != 1.0 or sp.stop:
         raise GptkitError("speculative decoding takes temperature, top-k and top-p only", "--speculative",
                           "drop --repetition-penalty and --stop, or speculative decoding")

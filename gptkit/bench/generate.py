@@ -27,7 +27,9 @@ from gptkit.loading import load_model
 from gptkit.model import GPT
 from gptkit.paths import data_file
 from gptkit.quantize import normalize_dtype, quantize_for_inference
-from gptkit.tokenizer import gpt2_tokenizer
+from gptkit.tokenizer import gpt2_tokenizer, tokenizer_for
+from gptkit.bench.speculative import bench_speculative
+from gptkit.inference import load_for_inference, same_tokenizer
 
 HELP = "generation tokens/s, batch 1 and 16 prompts, vs transformers"
 
@@ -214,10 +216,6 @@ def run(a) -> int:
 
 def _run_speculative(a, emit) -> list[dict]:
     """`--speculative`: the model (or the gpt2 shape with random weights) and its tokenizer."""
-    from gptkit.bench.speculative import bench_speculative
-    from gptkit.inference import load_for_inference, same_tokenizer
-    from gptkit.tokenizer import tokenizer_for
-
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.model:
