@@ -152,3 +152,17 @@ def test_sample_cli_speculative_prints_plain_decodings_text_and_refuses_another_
     assert main(base + ["--draft-model", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "--draft-model" in err and "tokenizer" in err
+
+
+def test_bench_speculative_reports_acceptance_and_the_same_tokens(gpt2_vocab_path):
+    from gptkit.bench.speculative import bench_speculative, first_layers
+    from gptkit.quantize import quantize_for_inference
+    from gptkit.tokenizer import gpt2_tokenizer
+
+    model = tiny(vocab_size=50257, block_size=256, std=0.2)
+    tok = gpt2_tokenizer(str(gpt2_vocab_path))
+    draft = quantize_for_inference(first_layers(model, 1), "float32")
+    for kind, d in (("ngram", None), ("draft", draft)):
+        rows = bench_speculative(quantize_for_inference(model, "float32"), tok, kind, d, new_tokens=8, repeats=1)
+        assert [r["text"] for r in rows] == ["repetitive", "plain"]
+        assert all(r["same"] and 0 <= r["acceptance"] <= 1 and r["speedup"] > 0 for r in rows)

@@ -28,7 +28,7 @@ from gptkit.model import GPT
 from gptkit.paths import data_file
 from gptkit.quantize import normalize_dtype, quantize_for_inference
 from gptkit.tokenizer import gpt2_tokenizer, tokenizer_for
-from gptkit.bench.speculative import bench_speculative
+from gptkit.bench.speculative import bench_speculative, first_layers
 from gptkit.inference import load_for_inference, same_tokenizer
 
 HELP = "generation tokens/s, batch 1 and 16 prompts, vs transformers"
@@ -224,8 +224,11 @@ def _run_speculative(a, emit) -> list[dict]:
     else:
         torch.manual_seed(a.seed)
         model, tok = GPT(model_preset("gpt2")).eval(), gpt2_tokenizer(a.vocab)
-    model = quantize_for_inference(model, normalize_dtype(a.dtype.split(",")[0]))
+    dtype = normalize_dtype(a.dtype.split(",")[0])
     draft = None
+    if a.speculative == "draft" and not a.draft_model:  # before quantizing: packed weights don't copy
+        draft = quantize_for_inference(first_layers(model), dtype)
+    model = quantize_for_inference(model, dtype)
     if a.draft_model:
         draft, dtok = load_for_inference(a.draft_model, a.vocab, "cpu", a.dtype.split(",")[0])
         if not same_tokenizer(tok, dtok):
