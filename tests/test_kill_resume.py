@@ -102,5 +102,7 @@ def test_kill_9_at_five_random_moments_then_resume_equals_uninterrupted_run(tmp_
         return [(x["step"], x.get("train_loss"), x.get("val_loss")) for x in _records(run_dir)]
 
     want = losses(straight)
-    assert len(want) == STEPS and want[49][2] is not None  # val loss at step 50 shares the step's record
+    # a val loss of the initial weights at step 0, then one record per step; the val loss at step 50
+    # shares the step's record
+    assert len(want) == STEPS + 1 and want[0][:2] == (0, None) and want[50][2] is not None
     assert losses(run) == want

@@ -148,6 +148,11 @@ def test_fresh_model_has_zero_padding_rows():
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=50))
     assert m.config.padded_vocab_size == 128
     assert torch.all(m.transformer.wte.weight[50:] == 0) and torch.all(m.transformer.wte.weight[:50] != 0)
+    # an untied head (Llama family) has two tables: both pad with zero rows, each on its own
+    u = GPT(GPTConfig(family="llama", n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=50,
+                      tie_embeddings=False))
+    for w in (u.transformer.wte.weight, u.lm_head.weight):
+        assert torch.all(w[50:] == 0) and torch.all(w[:50].abs().sum(1) > 0)
 
 
 def test_kv_cache_forward_equals_the_full_forward():

@@ -208,7 +208,7 @@ def _read_safetensors(st: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch_bin(pt: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        sd = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:
         # torch's own message suggests weights_only=False, which would run the file's code: never say that
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -216,6 +216,10 @@ def _read_torch_bin(pt: Path) -> dict[str, torch.Tensor]:
         else:
             what = f"cannot read {pt.name}: {type(e).__name__}"
         raise GptkitError(what, pt, "only plain tensor files load; get a model.safetensors instead") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise GptkitError(f"{pt.name} holds a {type(sd).__name__}, not a name -> tensor dict", pt,
+                          "save the weights with model.save_pretrained, or get a model.safetensors")
+    return sd
 
 
 def _read_sharded(index: Path, read) -> dict[str, torch.Tensor]:
