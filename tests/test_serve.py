@@ -199,7 +199,6 @@ def test_seed_makes_sampling_reproducible(client):
     (dict(top_p=1.5), "top_p"),
     (dict(n=0), "n"),
     (dict(prompt=" hello" * 100), "prompt"),
-    (dict(model="no-such-model"), "model"),
 ])
 def test_invalid_parameters_answer_400_with_openai_error_json(client, kw, param):
     args = dict(model=NAME, prompt="hi", max_tokens=2)
@@ -210,6 +209,13 @@ def test_invalid_parameters_answer_400_with_openai_error_json(client, kw, param)
     err = e.value.body  # the client's parse of {"error": {...}}
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
     assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_an_unknown_model_answers_404_as_openai_does(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert e.value.status_code == 404 and e.value.body["param"] == "model"
+    assert e.value.body["code"] == "model_not_found"
 
 
 def test_malformed_json_and_unknown_route_answer_error_json(server):

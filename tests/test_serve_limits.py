@@ -495,6 +495,21 @@ def test_models_by_id(server):
     status, _, body = get(server, "/v1/models/gpt-4")
     assert_openai_error(status, body, 404, "model_not_found")
     assert get(server, f"/v1/models/{NAME}", key=None)[0] == 401
+    # a completion for another model is a 404 too, as OpenAI answers it
+    status, _, body = post(server, {"model": "gpt-4", "prompt": "a", "max_tokens": 1})
+    assert_openai_error(status, body, 404, "model_not_found")
+
+
+def test_a_busy_port_is_one_error_line_before_the_model_loads(capsys):
+    from gptkit import cli
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        # the model path does not exist: the port is checked first, so the error names the port
+        assert cli.main(["serve", "--model", "no/such/model", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot listen on 127.0.0.1:") and "(--port)" in err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -220,8 +220,8 @@ def parse_completion_request(body: Any, tokenizer, block_size: int, model_name: 
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
     if model is not None and model != model_name:
-        raise APIError(400, f"the model '{_show(model)}' does not exist; this server serves '{model_name}'",
-                       "model", "model_not_found")
+        raise APIError(404, f"the model '{_show(model)}' does not exist; this server serves '{model_name}'",
+                       "model", "model_not_found")  # OpenAI answers an unknown model with 404
     for key, ok in UNSUPPORTED:
         if not ok(body.get(key)):
             raise APIError(400, f"'{key}' is not supported by gptkit serve", key, "unsupported_parameter")

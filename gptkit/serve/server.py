@@ -227,6 +227,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise GptkitError(f"must be >= 0, got {threads}", "--threads", "0 keeps PyTorch's default")
     setup_threads(threads)
     _log_to_stderr()
+    sock = _bind(host, port)  # before loading: a busy port is one error line, not a loaded model that exits
     model, tok, default_name = load_for_serving(model_path, vocab, device, dtype)
     if chat_template:
         tok.chat_template = load_chat_template(chat_template, tok)
@@ -240,11 +241,26 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
           file=sys.stderr, flush=True)
     server = _graceful_uvicorn(_uvicorn_config(app, config, host=host, port=port), scheduler, config.shutdown_grace_s)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         scheduler.stop()
     if server.shutdown_plan.thread is not None:
         log.warning("stopped")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one error line when the port is taken or the host unknown."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise GptkitError(f"cannot listen on {host}:{port}: {e.strerror or e}", "--port",
+                          "another server may be using it: pick another --port, or stop that server") from None
+    sock.listen(2048)
+    return sock
 
 
 def _log_to_stderr() -> None:
