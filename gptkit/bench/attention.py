@@ -38,6 +38,13 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process image's peak RSS. On Linux, VmHWM of /proc/self/status: ru_maxrss would carry
+    the parent's peak over fork + exec (a large test process made every backend look as big)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration, ValueError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 

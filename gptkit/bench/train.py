@@ -183,7 +183,7 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
         torch.cuda.reset_peak_memory_stats(dev)
         start = torch.cuda.memory_allocated(dev)
     else:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        start, source = _cpu_peak_start()
     torch.manual_seed(0)
     net = GPT(cfg).to(dev)
     trainable = net.num_params()
@@ -209,7 +209,7 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
     if dev.type == "cuda":
         used, source = torch.cuda.max_memory_allocated(dev) - start, "cuda_max_memory_allocated"
     else:
-        used, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start, "cpu_max_rss"
+        used = _cpu_peak() - start
     med = statistics.median(times)
     tok_s = batch_size * block_size / med
     return {"system": "gptkit", "mode": mode, "model": model, "batch_size": batch_size, "block_size": block_size,
@@ -217,6 +217,30 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
             "mfu": round(net.flops_per_token(block_size) * tok_s / peak, 4), "peak_mem_mib": round(used / 2**20, 1),
             "mem_source": source, "trainable_params": trainable, "params": net.num_params(), "lora_rank":
             lora_rank if mode == "lora" else 0, "steps": len(times), "threads": n_threads}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cpu_peak_start() -> tuple[int, str]:
+    """Bytes to measure the peak from, and how. On Linux the process's peak RSS is reset first
+    (/proc/self/clear_refs, "5"), so the peak measured is this run's, not an earlier high-water mark
+    (the GEMM that measured the FLOP rate, say); elsewhere ru_maxrss, which cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024, "cpu_peak_rss"
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"  # Linux: KiB
+
+
+def _cpu_peak() -> int:
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def add_arguments(p) -> None:
