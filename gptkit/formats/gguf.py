@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 from gptkit.formats import hf
+from gptkit.hf_tokenizer import bytes_to_unicode
 from gptkit.model import GPT, rope_inv_freq
 
 MAGIC = b"GGUF"
@@ -496,17 +497,6 @@ def load_gguf_model(path: Path):
 # ------------------------------------------------------------------------------------------------
 # the tokenizer, from the metadata
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (OpenAI's encoder.py)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-            *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    out, n = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
-
 
 def read_tokenizer(g: GGUFFile) -> dict | None:
     """The file's tokenizer as {"json": tokenizer.json text, "config": tokenizer_config-style dict
@@ -534,7 +524,7 @@ def read_tokenizer(g: GGUFFile) -> dict | None:
     if pre not in PRE_TOKENIZERS:
         raise GptkitError(f"GGUF pre-tokenizer {pre!r} is not read", g.path,
                           f"gptkit reads {', '.join(PRE_TOKENIZERS)}; give --vocab tokenizer.json")
-    spelling = _byte_alphabet()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}
