@@ -291,6 +291,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     muon_lr: float = 0.02  # Muon's peak LR; the schedule scales it as it scales lr
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch.optim.Muon's ns_steps)
     loader: str = "random"  # random | sequential (file order, as llm.c's loader with shuffling off)
     # eval, samples, checkpoints, logs
     eval_interval: int = 1000  # 0 = only at the end
@@ -337,7 +338,8 @@ class TrainConfig:
     lora_targets: str = ""  # comma-separated module names ("" = PEFT's default: c_attn for GPT-2)
 
     def __post_init__(self):
-        positive = ("batch_size", "block_size", "grad_accum", "max_steps", "log_interval", "eval_batches")
+        positive = ("batch_size", "block_size", "grad_accum", "max_steps", "log_interval", "eval_batches",
+                    "muon_ns_steps")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

@@ -263,7 +263,8 @@ def make_optimizer(model: torch.nn.Module, cfg, device_type: str = "cpu", fsdp: 
                               "optimizer", "use fsdp=false (DDP works) or optimizer=adamw")
         hidden = muon_params(model)
         adamw, _ = make_adamw(model, cfg.lr, cfg.weight_decay, exclude={id(p) for p in hidden}, **kw)
-        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                                 ns_steps=cfg.muon_ns_steps)
         muon.param_groups[0].update(muon=True, base_lr=cfg.muon_lr)
         opt = MuonWithAdamW(adamw, muon)
         names = param_names(model, opt.param_groups)

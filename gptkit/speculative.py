@@ -26,6 +26,7 @@ import torch
 
 from gptkit.errors import GptkitError
 from gptkit.model import GPT, KVCache
+from gptkit.quantize import only_top_k_logits
 from gptkit.sample import top_k_filter, top_p_filter
 
 
@@ -173,12 +174,19 @@ def speculative_generate(model: GPT, prompt: Sequence[int], drafter, max_new_tok
     stops = set(int(t) for t in stop_ids)
     stats = SpecStats()
     drafter.reset(seq)
-    # the target's cache holds every token but the last; each round feeds the last one and the drafts
+    # the target's cache holds every token but the last; each round feeds the last one and the drafts.
+    # The prompt goes in first on its own, so that no round computes logits for the prompt's positions.
     cache_pos_ok = 0
+    if len(seq) > 1:
+        model(torch.tensor([seq[:-1]], device=device), cache=cache, last_only=True)
+        cache_pos_ok = len(seq) - 1
+    # only the top logits matter for greedy (1) or top-k sampling (k): a screened head reads half the bytes
+    screen = 1 if greedy else (top_k if top_k and top_k < V else None)
     out: list[int] = []
     while len(out) < max_new_tokens:
         if len(seq) >= cfg.block_size:  # past the context: plain decoding's sliding window, one token
-            logits = model(torch.tensor([seq[-cfg.block_size:]], device=device), last_only=True)[0]
+            with only_top_k_logits(model, screen):
+                logits = model(torch.tensor([seq[-cfg.block_size:]], device=device), last_only=True)[0]
             new, _ = verify(target_probs(logits, *sampling), [], None, greedy, generator)
             stats.target_passes += 1
         else:
@@ -189,7 +197,8 @@ def speculative_generate(model: GPT, prompt: Sequence[int], drafter, max_new_tok
             q = q[:len(drafts)] if q is not None else None
             cache.pos = cache_pos_ok
             idx = torch.tensor([seq[cache_pos_ok:] + drafts], device=device)
-            logits = model(idx, cache=cache)[0, -(len(drafts) + 1):]  # (k+1, V)
+            with only_top_k_logits(model, screen):
+                logits = model(idx, cache=cache)[0, -(len(drafts) + 1):]  # (k+1, V)
             new, a = verify(target_probs(logits, *sampling), drafts, q, greedy, generator)
             stats.target_passes += 1
             stats.drafted += len(drafts)

@@ -12,6 +12,7 @@ of 64 greedy tokens agree, and (with tiny Shakespeare at hand) the perplexity ra
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -20,12 +21,15 @@ import torch
 
 from gptkit.bench.hf_twin import hf_model_from
 from gptkit.config import MODEL_PRESETS, model_preset
+from gptkit.data import SplitTokens, split_files
 from gptkit.errors import GptkitError
+from gptkit.evaluate import evaluate
 from gptkit.formats.hub import is_pretrained_name
 from gptkit.generate import Generation, SamplingParams, generate_batch
 from gptkit.loading import load_model
 from gptkit.model import GPT
 from gptkit.paths import data_file
+from gptkit.prepare import PRESETS, ensure_prepared
 from gptkit.quantize import normalize_dtype, quantize_for_inference
 from gptkit.tokenizer import gpt2_tokenizer, tokenizer_for
 from gptkit.bench.speculative import bench_speculative, first_layers
@@ -59,8 +63,9 @@ def _time_hf(hf, prompts, new_tokens, temperature, top_k, top_p) -> float:
 
 
 def quality_check(model, quantized, tokens: int = 64, seed: int = 0, text_tokens=None) -> dict:
-    """How a lower-precision copy compares with the fp32 model: the number of leading greedy tokens
-    (of `tokens`) that agree, and the perplexity ratio on `text_tokens` (a 1-D tensor) if given."""
+    """How a lower-precision copy compares with the fp32 model on random prompts (the secondary
+    figure: a random-weight model's logits are near ties): the number of leading greedy tokens (of
+    `tokens`) that agree, and the perplexity ratio on `text_tokens` (a 1-D tensor) if given."""
     prompt = _prompts(1, 8, model.config.vocab_size, seed)
     sp = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eot=True)
     a = generate_batch(model, prompt, sp)[0].token_ids
@@ -82,6 +87,52 @@ def quality_check(model, quantized, tokens: int = 64, seed: int = 0, text_tokens
     return out
 
 
+def trained_quality_check(model, quantized, data_dir: Path, prompts: int = 16, tokens: int = 64,
+                          prompt_tokens: int = 32) -> dict:
+    """The check for a trained model: perplexity over the whole val split of `data_dir` (fp32 and
+    the lower precision; within 1% is the bar), and greedy agreement on `prompts` prompts taken
+    evenly from the val split, `tokens` new tokens each: the mean share of tokens before the first
+    difference (`val_greedy_agree`) and how many continuations are identical (`val_greedy_same`)."""
+    T = model.config.block_size
+    prompt_tokens = max(1, min(prompt_tokens, T // 2))
+    tokens = max(1, min(tokens, T - prompt_tokens))
+    with torch.inference_mode():
+        l32, n = evaluate(model, data_dir, T, 32, torch.device("cpu"), torch.float32)
+        lq, _ = evaluate(quantized, data_dir, T, 32, torch.device("cpu"), torch.float32)
+    val = SplitTokens(data_dir, "val")
+    step = max(1, (len(val) - prompt_tokens) // prompts)
+    starts = list(range(0, len(val) - prompt_tokens, step))[:prompts]
+    ps = [[int(t) for t in val[s:s + prompt_tokens]] for s in starts]
+    sp = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eot=True)
+    a = [c.token_ids for c in generate_batch(model, ps, sp)]
+    b = [c.token_ids for c in generate_batch(quantized, ps, sp)]
+    lead = [next((i for i, (x, y) in enumerate(zip(u, v)) if x != y), len(u)) / max(len(u), 1)
+            for u, v in zip(a, b)]
+    return {"val_tokens": n, "val_ppl_fp32": round(math.exp(l32), 4), "val_ppl": round(math.exp(lq), 4),
+            "val_ppl_ratio": round(math.exp(lq - l32), 5), "val_greedy_agree": round(sum(lead) / len(lead), 4),
+            "val_greedy_same": sum(u == v for u, v in zip(a, b)), "val_prompts": len(ps), "val_new_tokens": tokens}
+
+
+def quality_data_dir(loaded, data: str | None) -> Path | None:
+    """The prepared data whose val split checks a trained model: `--data`, else the run's own data
+    (a gptkit checkpoint names it in state.json), else None."""
+    if data:
+        split_files(data, "val")  # fail early, naming the directory
+        return Path(data)
+    cfg = (loaded.state or {}).get("train_config") if loaded is not None else None
+    if not cfg:
+        return None
+    if cfg.get("data"):
+        d = Path(cfg["data"])
+        return d if d.is_dir() else None
+    if cfg.get("dataset") in PRESETS:
+        try:
+            return ensure_prepared(cfg["dataset"])
+        except GptkitError:
+            return None
+    return None
+
+
 def _shakespeare_tokens(model, vocab):
     """Tiny Shakespeare's tokens for the model's tokenizer, or None when the text is not at hand."""
     p = data_file("tinyshakespeare.txt")
@@ -97,10 +148,12 @@ def _shakespeare_tokens(model, vocab):
 def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens: int = 8, new_tokens: int = 64,
                    temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 0.95,
                    dtypes=("float32",), compare: str | None = None, repeats: int = 3, seed: int = 0,
-                   threads: int | None = None, vocab: str | None = None, quality: bool = True, emit=None) -> list[dict]:
+                   threads: int | None = None, vocab: str | None = None, quality: bool = True, emit=None,
+                   data: str | None = None) -> list[dict]:
     """Measure generation throughput; returns (and passes to `emit`, as they come) one dict per
     (system, dtype, batch): system, model, dtype, batch, prompt_tokens, new_tokens, tok_per_s, plus
-    `vs_transformers` (the ratio) with compare="hf" and the quality fields for lower precisions."""
+    `vs_transformers` (the ratio) with compare="hf" and the quality fields for lower precisions
+    (on a trained model with a val split at hand, `data` or its run's own, the `val_*` fields too)."""
     if compare not in (None, "hf"):
         raise GptkitError(f"unknown comparison {compare!r}", "--compare", "use --compare hf")
     if new_tokens < 1 or prompt_tokens < 1 or repeats < 1 or any(b < 1 for b in batches):
@@ -113,8 +166,10 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
     if not model_path or (preset in MODEL_PRESETS and not is_pretrained_name(preset) and not Path(preset).exists()):
         torch.manual_seed(seed)  # an architecture preset (llama-tiny, gpt2-mini, ...) with random weights
         model, name, model_path = GPT(model_preset(preset)).eval(), f"{preset} (random weights)", None
+        loaded = None
     else:
-        model, name = load_model(model_path).model.eval(), str(model_path)
+        loaded = load_model(model_path)
+        model, name = loaded.model.eval(), str(model_path)
     if prompt_tokens + new_tokens > model.config.block_size:
         raise GptkitError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceed the context "
                           f"{model.config.block_size}", "--new-tokens", "use fewer --prompt-tokens or --new-tokens")
@@ -125,9 +180,12 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
     quality_fields = {}
     if quality:
         text = _shakespeare_tokens(model, vocab) if model_path else None
+        data_dir = quality_data_dir(loaded, data)
         for d, q in variants.items():
             if d != "float32":
                 quality_fields[d] = quality_check(model, q, 64, seed, text)
+                if data_dir is not None:
+                    quality_fields[d].update(trained_quality_check(model, q, data_dir))
     results = []
     emit = emit or (lambda r: None)
     for B in batches:
@@ -176,6 +234,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--vocab", help="GPT-2 vocabulary, for the perplexity check of a loaded model")
+    p.add_argument("--data", help="prepared data directory whose val split checks a trained model's lower "
+                   "precisions (default: the run's own data)")
     p.add_argument("--no-quality", action="store_true", help="skip the quality check of lower precisions")
     p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
                    help="also time this system in the same run: hf (transformers)")
@@ -208,7 +268,7 @@ def run(a) -> int:
     res = bench_generate(a.model, _int_list(a.batch, "--batch"), a.prompt_tokens, a.new_tokens, a.temperature,
                          a.top_k, a.top_p, [d.strip() for d in a.dtype.split(",") if d.strip()],
                          "hf" if a.compare else None,
-                         a.repeats, a.seed, a.threads, a.vocab, not a.no_quality, emit)
+                         a.repeats, a.seed, a.threads, a.vocab, not a.no_quality, emit, a.data)
     if not a.json:
         print(format_table(res))
     return 0
@@ -239,7 +299,8 @@ def _run_speculative(a, emit) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["system", "speculative", "text", "dtype", "batch", "prompt_tokens", "new_tokens", "tok_per_s",
-            "vs_transformers", "greedy_agree", "ppl_ratio", "acceptance", "tokens_per_pass", "plain_tok_per_s",
+            "vs_transformers", "greedy_agree", "ppl_ratio", "val_ppl_ratio", "val_greedy_agree", "val_greedy_same",
+            "acceptance", "tokens_per_pass", "plain_tok_per_s",
             "speedup", "same"]
     cols = [c for c in cols if any(c in r for r in rows)]
     cells = [[str(r.get(c, "")) for c in cols] for r in rows]
