@@ -251,7 +251,7 @@ def model_preset(name: str, **overrides) -> GPTConfig:
 
 
 # the values a TrainConfig key may take, where it takes one of a few names
-TRAIN_CHOICES = {"optimizer": ("adamw", "muon"), "loader": ("random", "sequential"),
+TRAIN_CHOICES = {"optimizer": ("auto", "adamw", "muon"), "loader": ("random", "sequential"),
                  "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
                  "optim_dtype": ("float32", "bfloat16", "fp32", "bf16"),
                  "param_dtype": ("auto", "float32", "bfloat16", "fp32", "bf16")}
@@ -268,7 +268,7 @@ class TrainConfig:
     model: str = "shakespeare-char"  # architecture preset, or a path whose config is used
     init: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | PATH
     # batch
-    batch_size: int = 16  # B, micro-batch per process
+    batch_size: int = 64  # B, micro-batch per process
     block_size: int = 64  # T, sequence length (<= the model's block_size)
     grad_accum: int = 1
     # optimisation
@@ -287,9 +287,10 @@ class TrainConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
-    # adamw | muon (torch.optim.Muon for the blocks' 2-D matrices, AdamW with `lr` for the rest)
-    optimizer: str = "adamw"
-    muon_lr: float = 0.02  # Muon's peak LR; the schedule scales it as it scales lr
+    # auto | adamw | muon (torch.optim.Muon for the blocks' 2-D matrices, AdamW with `lr` for the
+    # rest); auto = muon from scratch, adamw for fine-tuning (init, LoRA) and under FSDP
+    optimizer: str = "auto"
+    muon_lr: float = 0.04  # Muon's peak LR; the schedule scales it as it scales lr
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch.optim.Muon's ns_steps)
     loader: str = "random"  # random | sequential (file order, as llm.c's loader with shuffling off)

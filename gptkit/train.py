@@ -29,7 +29,7 @@ from gptkit.evaluate import estimate_loss, evaluate
 from gptkit.loading import build_model, load_checkpoint_model, load_model
 from gptkit.metrics import Progress, RunLogger, Speedometer, check_loggers
 from gptkit.model import GPT
-from gptkit.optim import TimeBudget, lr_at, make_optimizer, set_lr
+from gptkit.optim import TimeBudget, lr_at, make_optimizer, optimizer_kind, set_lr
 from gptkit.precision import ShadowWeights
 from gptkit.prepare import PRESETS, ensure_prepared
 from gptkit.runs import StopSignals, create_run_dir, find_resume_checkpoint, resolve_run_dir, save_due
@@ -399,6 +399,7 @@ def model_line(t: Trainer) -> str:
             f"vocab {m.vocab_size}, context {m.block_size}), weights from {weights}; device {t.device}, "
             f"{str(t.dtype)[6:]}{par}; {t.tokens_per_step:,} tokens/step; {t.attention} attention; "
             f"{'bf16 weights + fp32 master' if t.shadow else 'fp32 weights'}; "
+            f"{'Muon + AdamW' if optimizer_kind(t.cfg, t.fsdp) == 'muon' else 'AdamW'}; "
             f"{t.threads} thread{'s' if t.threads != 1 else ''}; run dir {t.run_dir}")
 
 

@@ -30,6 +30,8 @@ ALLOWED_LAZY = (
     # FSDP and distributed state dicts: importing them costs ~3 s of start-up (DTensor, sympy),
     # which every run would pay inside its time budget; only fsdp=true runs load them
     "torch.distributed.fsdp", "torch.distributed.checkpoint",
+    # a required dependency, but only pretrained names use it; its HTTP stack costs ~0.1 s of start-up
+    "huggingface_hub",
 )
 # (module, function qualname, imported module): the documented lazy edge
 ALLOWED_LAZY_EDGES = {("gptkit.model", "GPT.from_pretrained", "gptkit.loading"),

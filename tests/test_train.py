@@ -163,7 +163,8 @@ def test_training_steps_equal_clip_grad_norm_and_torch_adamw(char_data, tmp_path
     from gptkit.optim import param_groups
 
     common = dict(max_steps=3, warmup_steps=1, decay_steps=3, eval_interval=0, final_eval=False, sample_tokens=0,
-                  dropout=0.0, grad_accum=grad_accum, eps=eps, ckpt_interval=3, batch_size=2)
+                  dropout=0.0, grad_accum=grad_accum, eps=eps, ckpt_interval=3, batch_size=2,
+                  optimizer="adamw")  # from scratch, `auto` would be Muon
 
     def weights(name, **kw):
         cfg, mov = _cfg(char_data, tmp_path / name, **{**common, **kw})

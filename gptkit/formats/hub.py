@@ -19,10 +19,6 @@ import json
 import os
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                    RepositoryNotFoundError)
-
 from gptkit.errors import GptkitError
 
 REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -78,6 +74,11 @@ def _shard_names(index: Path) -> list[str]:
 
 def download_pretrained(name: str, revision: str | None = None, **_ignored) -> Path:
     """Download (or find in the cache) a pretrained model and return its local directory."""
+    # imported here, not at the top: huggingface_hub and its HTTP stack cost ~0.1 s of start-up that
+    # every training run from scratch would pay inside its time budget
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
     repo = repo_id(name)
     s = hub_settings()
     kw = dict(repo_id=repo, revision=revision, cache_dir=s["cache_dir"], local_files_only=s["offline"])
