@@ -263,6 +263,9 @@ def test_bench_train_cli_prints_json_lines_for_gptkit_and_transformers():
         # MFU = (6N + 12·L·C·T) · tok/s / peak, gpt2-tiny: L=2, C=64
         flops_per_tok = 6 * r["params"] + 12 * 2 * 64 * 32
         assert r["mfu"] == pytest.approx(flops_per_tok * r["tok_per_s"] / r["peak_flops"], rel=1e-2, abs=1e-4)
+        # training memory holds at least the fp32 weights, their gradients and AdamW's two moments
+        # (the second system's figure too: the first's freed pages are not counted as reused)
+        assert r["peak_mem_mib"] >= 4 * r["params"] * 4 / 2**20 * 0.9, r
 
 
 def test_bench_rejects_unknown_compare_system():

@@ -9,7 +9,7 @@ from gptkit.errors import GptkitError
 from gptkit.formats.hf import config_to_hf, state_dict_to_hf
 
 
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError:
@@ -19,7 +19,7 @@ def _transformers():
 
 def hf_model_for(config: GPTConfig):
     """A randomly initialised transformers model of `config`'s shape (dropout off)."""
-    transformers = _transformers()
+    transformers = transformers_module()
     d = {k: v for k, v in config_to_hf(config).items() if k != "architectures"}
     if config.family == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**d))

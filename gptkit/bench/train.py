@@ -11,6 +11,11 @@ With `--lora` it measures peak training memory instead, full fine-tuning against
 a frozen base) of the same shape, side by side: each in a fresh process, so one's buffers never
 count in the other's peak. On CUDA the peak is `torch.cuda.max_memory_allocated`; on a CPU it is
 the process's peak resident memory (ru_maxrss) minus the same before the model was built.
+
+Every system's line also carries `peak_mem_mib`, its training memory (weights, gradients, optimizer
+state, activations) measured the same way: a few more steps in a fresh process per system, so that
+neither the other system's pages nor the first system's one-time allocations count (`--no-memory`
+skips it).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Callable
 import torch
 
 from gptkit import lora
-from gptkit.bench.hf_twin import hf_model_for
+from gptkit.bench.hf_twin import hf_model_for, transformers_module
 from gptkit.config import MODEL_PRESETS, model_preset
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
@@ -55,12 +60,12 @@ def _step_times(step_fn: Callable[[], object], steps: int, warmup: int, sync: Ca
 def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, dtype: str = "auto",
                 steps: int = 10, warmup: int = 2, compare: list[str] | None = None, compile: bool = False,
                 device: str = "auto", seed: int = 0, attention: str = "auto", param_dtype: str = "auto",
-                threads: int = 0) -> list[dict]:
+                threads: int = 0, memory: bool = True) -> list[dict]:
     """Median training-step time of gptkit (and of each system in `compare`, e.g. ["hf"]).
 
     Returns one dict per system with system, model, batch_size, block_size, dtype, median_step_s,
     tok_per_s, mfu (plus params, peak_flops, steps, compile, threads, and gptkit's attention and
-    weights). gptkit runs as the trainer does: `attention` and `param_dtype` resolve as there;
+    weights, and with `memory` peak_mem_mib). gptkit runs as the trainer does: `attention` and `param_dtype` resolve as there;
     transformers runs with autocast in `dtype` over fp32 weights and the same AdamW
     (`optim.make_adamw`: the trainer's groups, fused where PyTorch has it)."""
     if model not in MODEL_PRESETS:
@@ -144,6 +149,14 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
         results.append(row)
         del hf, hopt, hfwd
         gc.collect()
+    if memory:
+        ctx = multiprocessing.get_context("spawn")
+        for row in results:
+            mode = "hf" if row["system"] == "transformers" else "full"
+            with ctx.Pool(1) as pool:
+                m = pool.apply(_memory_worker, (mode, model, batch_size, block_size, dtype, min(steps, 3), 1, device,
+                                                0, "", param_dtype, threads))
+            row.update(peak_mem_mib=m["peak_mem_mib"], mem_source=m["mem_source"])
     return results
 
 
@@ -177,6 +190,8 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
     y = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
+    if mode == "hf":
+        transformers_module()  # its import (and the memory it takes) is not training memory
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -185,18 +200,18 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
     else:
         start, source = _cpu_peak_start()
     torch.manual_seed(0)
-    net = GPT(cfg).to(dev)
-    trainable = net.num_params()
+    net = hf_model_for(cfg).to(dev).train() if mode == "hf" else GPT(cfg).to(dev)
+    trainable = sum(p.numel() for p in net.parameters()) if mode == "hf" else net.num_params()
     if mode == "lora":
         lora.apply_lora(net, lora.LoraSpec(lora_rank, 2.0 * lora_rank, 0.0, lora.parse_targets(lora_targets, net)))
         trainable = lora.freeze_base(net)
     opt, _ = make_adamw(net, lr=1e-4, weight_decay=0.1, device_type=dev.type)
-    shadow = ShadowWeights(net, torch.bfloat16) if bf16_weights(param_dtype, dt, dev) else None
+    shadow = ShadowWeights(net, torch.bfloat16) if mode != "hf" and bf16_weights(param_dtype, dt, dev) else None
     fwd = shadow.module if shadow else net
 
     def step():
         with autocast(dev, dt):
-            _, loss = fwd(x, y)
+            loss = fwd(input_ids=x, labels=x).loss if mode == "hf" else fwd(x, y)[1]
         loss.backward()
         if shadow:
             shadow.grads_to_master()
@@ -212,10 +227,12 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
         used = _cpu_peak() - start
     med = statistics.median(times)
     tok_s = batch_size * block_size / med
-    return {"system": "gptkit", "mode": mode, "model": model, "batch_size": batch_size, "block_size": block_size,
+    flops_per_tok = GPT.flops_per_token(net, block_size) if mode != "hf" else None
+    return {"system": "transformers" if mode == "hf" else "gptkit", "mode": mode, "model": model, "batch_size": batch_size, "block_size": block_size,
             "dtype": str(dt).removeprefix("torch."), "median_step_s": round(med, 6), "tok_per_s": round(tok_s, 1),
-            "mfu": round(net.flops_per_token(block_size) * tok_s / peak, 4), "peak_mem_mib": round(used / 2**20, 1),
-            "mem_source": source, "trainable_params": trainable, "params": net.num_params(), "lora_rank":
+            "mfu": round(flops_per_tok * tok_s / peak, 4) if flops_per_tok else None,
+            "peak_mem_mib": round(used / 2**20, 1), "mem_source": source, "trainable_params": trainable,
+            "params": trainable if mode == "hf" else net.num_params(), "lora_rank":
             lora_rank if mode == "lora" else 0, "steps": len(times), "threads": n_threads}
 
 
@@ -258,6 +275,7 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
                    help="also time this system in the same run: hf (transformers)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (fresh processes)")
     p.add_argument("--lora", action="store_true",
                    help="peak training memory instead: full fine-tuning vs LoRA, side by side")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -275,9 +293,10 @@ def run(a) -> None:
                   f"fine-tuning's peak training memory ({rows[0]['mem_source']})")
         return
     rows = bench_train(a.model, a.batch_size, a.block_size, a.dtype, a.steps, a.warmup, a.compare, a.compile,
-                       a.device, attention=a.attention, param_dtype=a.param_dtype, threads=a.threads)
+                       a.device, attention=a.attention, param_dtype=a.param_dtype, threads=a.threads,
+                       memory=not a.no_memory)
     print_rows(rows, a.json, ["system", "model", "batch_size", "block_size", "dtype", "median_step_s", "tok_per_s",
-                              "mfu"])
+                              "mfu", "peak_mem_mib"])
     if not a.json and len(rows) > 1:
         base = rows[0]["median_step_s"]
         for r in rows[1:]:
