@@ -124,9 +124,12 @@ class ModelDrafter:
         k = min(k, self.model.config.block_size - len(tokens))
         drafts, qs = [], []
         seq = list(tokens)
+        temperature, top_k = sampling[0], sampling[1]
+        screen = 1 if temperature == 0 else (top_k if top_k and top_k < self.model.config.vocab_size else None)
         for _ in range(k):
             idx = torch.tensor([seq[self.cache.pos:]], device=self.device)
-            logits = self.model(idx, cache=self.cache, last_only=True)[0, -1:]  # (1, V)
+            with only_top_k_logits(self.model, screen):  # q needs only the logits that survive top-k
+                logits = self.model(idx, cache=self.cache, last_only=True)[0, -1:]  # (1, V)
             q = target_probs(logits, *sampling)[0]
             x = int(q.argmax()) if sampling[0] == 0 else _draw(q, self.generator)
             drafts.append(x)
