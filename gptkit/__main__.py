@@ -1,7 +1,5 @@
 """`python -m gptkit` is the same as the `gptkit` command."""
 
-import sys
+from gptkit.cli import entry
 
-from gptkit.cli import main
-
-sys.exit(main())
+entry()

@@ -158,9 +158,9 @@ class TimeBudget:
         self.tasks_s = 0.0  # the last scoring of eval_tasks, which the final eval repeats
 
     def reserve(self) -> float:
-        """Seconds kept for the final eval, checkpoint and sample."""
+        """Seconds kept for the final eval, checkpoint, sample and exit."""
         per_tok = self.eval_s_per_tok or (self.train_s_per_tok or 0.0) / 2.0
-        return 1.2 * (per_tok * self.val_tokens + self.tasks_s) + 1.0
+        return 1.2 * (per_tok * self.val_tokens + self.tasks_s) + 0.5
 
     def tick(self, step: int, warmup_steps: int, tokens_per_step: int) -> None:
         now = time.time()
