@@ -282,6 +282,21 @@ def chat_empty_conversation(t):
             ["empty conversation", "chat.jsonl:1"])
 
 
+# --- options of round 2 --------------------------------------------------------------------
+def unknown_optimizer(t):
+    return (["train", "--data", str(_data(t / "data")), "--out", str(t / "run"), *TINY, "optimizer=sgd"],
+            ["optimizer", "sgd", "auto, adamw, muon"])
+
+
+def bench_quality_data_without_val(t):
+    d = _data(t / "data")
+    for f in d.glob("val*.bin"):
+        f.unlink()
+    return (["bench", "generate", "--model", str(_ckpt_run(t / "m")), "--data", str(d), "--dtype", "int8",
+             "--batch", "1", "--prompt-tokens", "2", "--new-tokens", "2", "--repeats", "1"],
+            ["no val shards", "data"])
+
+
 CASES = [shard_truncated, shard_wrong_magic, shard_wrong_version, shard_size_mismatch, model_bin_truncated,
          model_bin_wrong_magic, model_bin_wrong_version, model_bin_size_mismatch, ckpt_missing_weights,
          ckpt_missing_state, ckpt_damaged_state, ckpt_nan_weights, ckpt_config_mismatch,
@@ -289,7 +304,7 @@ CASES = [shard_truncated, shard_wrong_magic, shard_wrong_version, shard_size_mis
          prompt_longer_than_context, size_zero, size_negative, model_size_zero, unknown_config_key,
          unknown_toml_key, conflicting_options, conflicting_init_architecture, existing_run_without_resume,
          resume_without_run, pickle_with_code_hf, pickle_with_code_raw, lora_without_init, lora_unknown_target,
-         chat_missing_role, chat_empty_conversation]
+         chat_missing_role, chat_empty_conversation, unknown_optimizer, bench_quality_data_without_val]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
