@@ -91,7 +91,8 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
     y = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
     dtype_name = str(dt).removeprefix("torch.")
-    flops_per_tok = None
+    with torch.device("meta"):  # MFU's FLOPs per token, gptkit's count for both systems (no weights needed)
+        flops_per_tok = GPT(cfg).flops_per_token(block_size)
     results = []
 
     def record(system: str, times: list[float], n_params: int) -> dict:
@@ -102,52 +103,17 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
                 "mfu": round(flops_per_tok * tok_s / peak, 4), "params": n_params, "peak_flops": round(peak),
                 "steps": len(times), "compile": compile, "threads": n_threads}
 
-    # gptkit
-    torch.manual_seed(seed)
-    net = GPT(cfg).to(dev)
-    n_params = net.num_params()
-    flops_per_tok = net.flops_per_token(block_size)
-    opt, _ = make_adamw(net, lr=1e-4, weight_decay=0.1, device_type=dev.type)
-    shadow = ShadowWeights(net, torch.bfloat16) if bf16_weights(param_dtype, dt, dev) else None
-    fwd = shadow.module if shadow else net
-    fwd = torch.compile(fwd) if compile else fwd
-
-    def gptkit_step():
-        with autocast(dev, dt):
-            _, loss = fwd(x, y)
-        loss.backward()
-        if shadow:
-            shadow.grads_to_master()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if shadow:
-            shadow.pull()
-
-    row = record("gptkit", _step_times(gptkit_step, steps, warmup, sync), n_params)
-    row.update(attention=cfg.attention, weights="bf16 + fp32 master" if shadow else "fp32")
-    results.append(row)
-    del net, opt, fwd, shadow
-    gc.collect()
-
-    if "hf" in (compare or []):
+    for system in ["gptkit"] + (["transformers"] if "hf" in (compare or []) else []):
         torch.manual_seed(seed)
-        hf = hf_model_for(cfg).to(dev)  # GPT2LMHeadModel or LlamaForCausalLM, as the preset's family
-        hf.train()
-        hopt, _ = make_adamw(hf, lr=1e-4, weight_decay=0.1, device_type=dev.type)
-        hfwd = torch.compile(hf) if compile else hf
-
-        def hf_step():
-            with autocast(dev, dt):
-                loss = hfwd(input_ids=x, labels=x).loss  # HF shifts the labels itself
-            loss.backward()
-            hopt.step()
-            hopt.zero_grad(set_to_none=True)
-
-        row = record("transformers", _step_times(hf_step, steps, warmup, sync),
-                     sum(p.numel() for p in hf.parameters()))  # parameters() counts a tied head once
-        row.update(model_class=type(hf).__name__)
+        mode = "hf" if system == "transformers" else "full"
+        step, net, n_params, shadowed = _training_step(mode, cfg, dev, dt, param_dtype, x, y, compile)
+        row = record(system, _step_times(step, steps, warmup, sync), n_params)
+        if mode == "hf":
+            row.update(model_class=type(net).__name__)  # GPT2LMHeadModel or LlamaForCausalLM, as the preset's
+        else:
+            row.update(attention=cfg.attention, weights="bf16 + fp32 master" if shadowed else "fp32")
         results.append(row)
-        del hf, hopt, hfwd
+        del step, net
         gc.collect()
     if memory:
         ctx = multiprocessing.get_context("spawn")
@@ -158,6 +124,37 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
                                                 0, "", param_dtype, threads))
             row.update(peak_mem_mib=m["peak_mem_mib"], mem_source=m["mem_source"])
     return results
+
+
+def _training_step(mode: str, cfg, dev, dt, param_dtype: str, x, y, compile: bool = False, lora_rank: int = 0,
+                   lora_targets: str = ""):
+    """One system's training step, built as its users run it: mode "full" is gptkit as the trainer
+    runs (bf16 weights with fp32 masters where `param_dtype` resolves so), "lora" the same with LoRA
+    adapters on a frozen base, "hf" transformers' model of the same shape with autocast over fp32
+    weights; all with `optim.make_adamw`. Returns (step function, model, trainable parameters,
+    whether bf16 shadow weights are used)."""
+    net = hf_model_for(cfg).to(dev).train() if mode == "hf" else GPT(cfg).to(dev)
+    trainable = sum(p.numel() for p in net.parameters()) if mode == "hf" else net.num_params()  # tied head once
+    if mode == "lora":
+        lora.apply_lora(net, lora.LoraSpec(lora_rank, 2.0 * lora_rank, 0.0, lora.parse_targets(lora_targets, net)))
+        trainable = lora.freeze_base(net)
+    opt, _ = make_adamw(net, lr=1e-4, weight_decay=0.1, device_type=dev.type)
+    shadow = ShadowWeights(net, torch.bfloat16) if mode != "hf" and bf16_weights(param_dtype, dt, dev) else None
+    fwd = shadow.module if shadow else net
+    fwd = torch.compile(fwd) if compile else fwd
+
+    def step():
+        with autocast(dev, dt):
+            loss = fwd(input_ids=x, labels=x).loss if mode == "hf" else fwd(x, y)[1]  # HF shifts the labels itself
+        loss.backward()
+        if shadow:
+            shadow.grads_to_master()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if shadow:
+            shadow.pull()
+
+    return step, net, trainable, shadow is not None
 
 
 def bench_lora_memory(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, dtype: str = "auto",
@@ -200,26 +197,8 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
     else:
         start, source = _cpu_peak_start()
     torch.manual_seed(0)
-    net = hf_model_for(cfg).to(dev).train() if mode == "hf" else GPT(cfg).to(dev)
-    trainable = sum(p.numel() for p in net.parameters()) if mode == "hf" else net.num_params()
-    if mode == "lora":
-        lora.apply_lora(net, lora.LoraSpec(lora_rank, 2.0 * lora_rank, 0.0, lora.parse_targets(lora_targets, net)))
-        trainable = lora.freeze_base(net)
-    opt, _ = make_adamw(net, lr=1e-4, weight_decay=0.1, device_type=dev.type)
-    shadow = ShadowWeights(net, torch.bfloat16) if mode != "hf" and bf16_weights(param_dtype, dt, dev) else None
-    fwd = shadow.module if shadow else net
-
-    def step():
-        with autocast(dev, dt):
-            loss = fwd(input_ids=x, labels=x).loss if mode == "hf" else fwd(x, y)[1]
-        loss.backward()
-        if shadow:
-            shadow.grads_to_master()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if shadow:
-            shadow.pull()
-
+    step, net, trainable, _ = _training_step(mode, cfg, dev, dt, param_dtype, x, y, lora_rank=lora_rank,
+                                             lora_targets=lora_targets)
     times = _step_times(step, steps, warmup, lambda: synchronize(dev))
     if dev.type == "cuda":
         used, source = torch.cuda.max_memory_allocated(dev) - start, "cuda_max_memory_allocated"
@@ -227,8 +206,9 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
         used = _cpu_peak() - start
     med = statistics.median(times)
     tok_s = batch_size * block_size / med
-    flops_per_tok = GPT.flops_per_token(net, block_size) if mode != "hf" else None
-    return {"system": "transformers" if mode == "hf" else "gptkit", "mode": mode, "model": model, "batch_size": batch_size, "block_size": block_size,
+    flops_per_tok = net.flops_per_token(block_size) if mode != "hf" else None
+    return {"system": "transformers" if mode == "hf" else "gptkit", "mode": mode, "model": model,
+            "batch_size": batch_size, "block_size": block_size,
             "dtype": str(dt).removeprefix("torch."), "median_step_s": round(med, 6), "tok_per_s": round(tok_s, 1),
             "mfu": round(flops_per_tok * tok_s / peak, 4) if flops_per_tok else None,
             "peak_mem_mib": round(used / 2**20, 1), "mem_source": source, "trainable_params": trainable,
