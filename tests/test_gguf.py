@@ -198,7 +198,8 @@ def test_gguf_k_quants_dequantize_like_transformers(tmp_path, bpe, qtype):
     assert delta < 1e-4, delta
 
 
-@pytest.mark.parametrize("pre", ["gpt2", "smollm", "llama-bpe"])
+# "gpt-2" is llama.cpp's name for GPT-2's pre-tokenizer; "gpt2" is what gptkit wrote before (still read)
+@pytest.mark.parametrize("pre", ["gpt-2", "gpt2", "smollm", "llama-bpe"])
 def test_gguf_tokenizer_encodes_like_transformers(tmp_path, bpe, pre):
     spec = bpe["llama-bpe" if pre == "llama-bpe" else "gpt2"]
     V = len(spec["model"]["vocab"])
@@ -237,7 +238,7 @@ def test_export_reads_back_with_gguf_reader(tmp_path, bpe, dtype):
     r = gguf.GGUFReader(out)
     assert r.get_field("general.architecture").contents() == "gpt2"
     assert r.get_field("gpt2.block_count").contents() == 2
-    assert r.get_field("tokenizer.ggml.pre").contents() == "gpt2"
+    assert r.get_field("tokenizer.ggml.pre").contents() == "gpt-2"  # llama.cpp's name ("gpt2" is refused there)
     assert r.get_field("tokenizer.chat_template").contents() == TEMPLATE
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, 2)
     ref = {names.get_name(k, try_suffixes=(".weight", ".bias")): v.detach().numpy()
@@ -416,10 +417,10 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
             {"role": "assistant", "content": "def f(x):\n    return x"}, {"role": "user", "content": "Thanks!"}]
 
 
-@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
 def test_gguf_model_tokenizer_and_chat_template_equal_transformers(tmp_path, bpe, pre):
     import gptkit.tokenizer as tokenizer
-    spec = bpe[pre]
+    spec = bpe["gpt2" if pre == "gpt-2" else pre]
     V = len(spec["model"]["vocab"])
     write_reference_gguf(tmp_path / "m.gguf", hf_gpt2(V), _meta(spec, V, pre))
     tt = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
@@ -446,7 +447,7 @@ def test_gpt2_bpe_export_encodes_like_tiktoken(tmp_path, gpt2_vocab_path):
                  str(gpt2_vocab_path)]) == 0
     r = gguf.GGUFReader(tmp_path / "g.gguf")
     assert r.get_field("tokenizer.ggml.model").contents() == "gpt2"
-    assert r.get_field("tokenizer.ggml.pre").contents() == "gpt2"
+    assert r.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
     assert len(r.get_field("tokenizer.ggml.tokens").contents()) == 50257
     assert len(r.get_field("tokenizer.ggml.merges").contents()) == 50000
     assert r.get_field("tokenizer.ggml.eos_token_id").contents() == 50256

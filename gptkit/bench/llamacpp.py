@@ -1,8 +1,9 @@
 """gptkit's decoding against llama.cpp's on the same weights, in one run:
 `python -m gptkit.bench.llamacpp --llama-batched-bench PATH`.
 
-The gpt2 shape with random weights is written as GGUF files (f32, f16, q8_0) by gptkit's own
-exporter, and llama.cpp's `llama-batched-bench` runs each one; gptkit decodes the same weights
+The gpt2 shape with random weights is written as GGUF files (f32, f16, q8_0) by `gptkit convert
+--to gguf` (with GPT-2's tokenizer, from `--vocab` or gpt2.tiktoken where gptkit finds it: llama.cpp
+takes the vocabulary size from it), and llama.cpp's `llama-batched-bench` runs each one; gptkit decodes the same weights
 (float32, bfloat16, int8: the nearest of its inference dtypes) with the same thread count,
 interleaved with llama.cpp, and the median of `--repeats` runs counts.
 
@@ -30,7 +31,8 @@ import torch
 
 from gptkit.config import model_preset
 from gptkit.errors import GptkitError
-from gptkit.formats.gguf import write_gguf
+from gptkit.convert import export_gguf
+from gptkit.formats.hf import save_hf
 from gptkit.generate import Generation, SamplingParams
 from gptkit.model import GPT
 from gptkit.quantize import quantize_for_inference
@@ -74,17 +76,20 @@ def time_gptkit(model, batch: int, prompt: int, new: int, seed: int = 0) -> tupl
 
 
 def bench(binary: Path, preset: str = "gpt2", dtypes=("f32", "f16", "q8_0"), batches=(1, 16), prompt: int = 8,
-          new: int = 64, ttft_prompt: int = 512, threads: int = 2, repeats: int = 3, seed: int = 0, emit=None):
+          new: int = 64, ttft_prompt: int = 512, threads: int = 2, repeats: int = 3, seed: int = 0, emit=None,
+          vocab: str | None = None):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = GPT(model_preset(preset)).eval()
     ctx = model.config.block_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, Path(tmp) / "hf")
         for gd in dtypes:
             if gd not in PAIRS:
                 raise GptkitError(f"unknown GGUF type {gd!r}", "--dtypes", f"use {', '.join(PAIRS)}")
-            gguf = write_gguf(Path(tmp) / f"{preset}-{gd}.gguf", model, gd)
+            gguf = Path(tmp) / f"{preset}-{gd}.gguf"
+            export_gguf(Path(tmp) / "hf", gguf, gd, vocab)
             q = quantize_for_inference(model, PAIRS[gd])
             time_gptkit(q, max(batches), prompt, 4)  # warm-up
             run_llamacpp(binary, gguf, prompt, 4, [1], threads, ctx)
@@ -126,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-prompt-tokens", type=int, default=512, help="prompt of the time-to-first-token row")
     p.add_argument("--threads", type=int, default=2, help="threads for both systems (default 2)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vocab", help="GPT-2's vocabulary (gpt2.tiktoken) for the GGUF files' tokenizer")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     a = p.parse_args(argv)
     try:
         rows = bench(find_binary(a.llama_batched_bench), a.model, [d.strip() for d in a.dtypes.split(",") if d.strip()],
                      [int(b) for b in a.batch.split(",")], a.prompt_tokens, a.new_tokens, a.ttft_prompt_tokens,
-                     a.threads, a.repeats, emit=(lambda r: print(json.dumps(r), flush=True)) if a.json else None)
+                     a.threads, a.repeats, emit=(lambda r: print(json.dumps(r), flush=True)) if a.json else None,
+                     vocab=a.vocab)
     except GptkitError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -42,8 +42,10 @@ GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 # GPT-2's pre-tokenisation regex, the one tokenizers' ByteLevel(use_regex=True) applies
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# llama.cpp's pre-tokenizer names read: GPT-2's regex (ByteLevel's own), or Llama 3's split
-PRE_TOKENIZERS = {"gpt2": None, "smollm": None, "llama-bpe": LLAMA3_SPLIT}
+# llama.cpp's pre-tokenizer names read: GPT-2's regex (ByteLevel's own), or Llama 3's split. GPT-2's
+# is "gpt-2" (llama.cpp's llama-vocab.cpp and convert_hf_to_gguf); "gpt2", which llama.cpp refuses,
+# is still read: gptkit wrote it before 2026-12-01
+PRE_TOKENIZERS = {"gpt-2": None, "gpt2": None, "smollm": None, "llama-bpe": LLAMA3_SPLIT}
 
 
 def _gguf():
@@ -305,7 +307,7 @@ def _pre_name(pre: Any) -> str | None:
     if not isinstance(pre, dict):
         return None
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt2"
+        return "gpt-2"
     subs = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if subs and len(subs) == 2 and subs[0].get("type") == "Split" and subs[1].get("type") == "ByteLevel":
         if (subs[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT and not subs[1].get("use_regex", True):
