@@ -33,6 +33,7 @@ from gptkit.prepare import PRESETS, ensure_prepared
 from gptkit.quantize import normalize_dtype, quantize_for_inference
 from gptkit.tokenizer import gpt2_tokenizer, tokenizer_for
 from gptkit.bench.speculative import bench_speculative, first_layers
+from gptkit.bench.ttft import bench_ttft
 from gptkit.inference import load_for_inference, same_tokenizer
 
 HELP = "generation tokens/s, batch 1 and 16 prompts, vs transformers"
@@ -145,6 +146,17 @@ def _shakespeare_tokens(model, vocab):
     return torch.tensor(tok.encode(p.read_text(encoding="utf-8")[:20000]), dtype=torch.long)
 
 
+def bench_model(model_path: str | None, seed: int = 0):
+    """The model a generation benchmark runs: (model, its name, the loaded model or None). No path,
+    or an architecture preset (gpt2, llama-tiny, ...), gives random weights seeded by `seed`."""
+    preset = model_path or "gpt2"
+    if not model_path or (preset in MODEL_PRESETS and not is_pretrained_name(preset) and not Path(preset).exists()):
+        torch.manual_seed(seed)
+        return GPT(model_preset(preset)).eval(), f"{preset} (random weights)", None
+    loaded = load_model(model_path)
+    return loaded.model.eval(), str(model_path), loaded
+
+
 def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens: int = 8, new_tokens: int = 64,
                    temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 0.95,
                    dtypes=("float32",), compare: str | None = None, repeats: int = 3, seed: int = 0,
@@ -162,14 +174,8 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
     dtypes = [normalize_dtype(d) for d in dtypes]
     if threads:
         torch.set_num_threads(threads)
-    preset = model_path or "gpt2"
-    if not model_path or (preset in MODEL_PRESETS and not is_pretrained_name(preset) and not Path(preset).exists()):
-        torch.manual_seed(seed)  # an architecture preset (llama-tiny, gpt2-mini, ...) with random weights
-        model, name, model_path = GPT(model_preset(preset)).eval(), f"{preset} (random weights)", None
-        loaded = None
-    else:
-        loaded = load_model(model_path)
-        model, name = loaded.model.eval(), str(model_path)
+    model, name, loaded = bench_model(model_path, seed)
+    model_path = model_path if loaded is not None else None
     if prompt_tokens + new_tokens > model.config.block_size:
         raise GptkitError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceed the context "
                           f"{model.config.block_size}", "--new-tokens", "use fewer --prompt-tokens or --new-tokens")
@@ -222,8 +228,8 @@ def bench_generate(model_path: str | None = None, batches=(1, 16), prompt_tokens
 def add_arguments(p) -> None:
     p.add_argument("--model", help="model to load, or an architecture preset such as llama-tiny for random "
                    "weights (default: the gpt2 shape with random weights)")
-    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
-    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--batch", help="comma-separated batch sizes (default 1,16; with --ttft 1)")
+    p.add_argument("--prompt-tokens", type=int, help="prompt length (default 8; with --ttft 512)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50)
@@ -240,6 +246,8 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="SYSTEM",
                    help="also time this system in the same run: hf (transformers)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--ttft", action="store_true", help="instead: time to first token (prefill) of a "
+                   "--prompt-tokens prompt, greedy")
     p.add_argument("--speculative", choices=["ngram", "draft"],
                    help="instead: speculative vs plain greedy decoding (batch 1), on repetitive and plain text")
     p.add_argument("--draft-model", help="--speculative draft: the draft model (default: the model's first 2 layers)")
@@ -265,10 +273,20 @@ def run(a) -> int:
         if not a.json:
             print(format_table(res))
         return 0
-    res = bench_generate(a.model, _int_list(a.batch, "--batch"), a.prompt_tokens, a.new_tokens, a.temperature,
+    if a.ttft:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        model, name, _ = bench_model(a.model, a.seed)
+        res = bench_ttft(model, name, _int_list(a.batch or "1", "--batch"), 512 if a.prompt_tokens is None else a.prompt_tokens,
+                         [d.strip() for d in a.dtype.split(",") if d.strip()], "hf" if a.compare else None,
+                         a.repeats, a.seed, emit)
+        if not a.json:
+            print(format_table(res))
+        return 0
+    res = bench_generate(a.model, _int_list(a.batch or "1,16", "--batch"),
+                         8 if a.prompt_tokens is None else a.prompt_tokens, a.new_tokens, a.temperature,
                          a.top_k, a.top_p, [d.strip() for d in a.dtype.split(",") if d.strip()],
-                         "hf" if a.compare else None,
-                         a.repeats, a.seed, a.threads, a.vocab, not a.no_quality, emit, a.data)
+                         "hf" if a.compare else None, a.repeats, a.seed, a.threads, a.vocab, not a.no_quality, emit, a.data)
     if not a.json:
         print(format_table(res))
     return 0
@@ -298,7 +316,7 @@ def _run_speculative(a, emit) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["system", "speculative", "text", "dtype", "batch", "prompt_tokens", "new_tokens", "tok_per_s",
+    cols = ["system", "speculative", "text", "dtype", "batch", "prompt_tokens", "new_tokens", "ttft_s", "tok_per_s",
             "vs_transformers", "greedy_agree", "ppl_ratio", "val_ppl_ratio", "val_greedy_agree", "val_greedy_same",
             "acceptance", "tokens_per_pass", "plain_tok_per_s",
             "speedup", "same"]
