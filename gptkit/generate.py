@@ -14,13 +14,18 @@ and streaming text.
   `gptkit.batch_cache.BatchCache` owns that ragged layout (compact, grow, merge). A row that
   outgrows the context leaves the cache and is recomputed over its last block_size tokens, on its
   own, while the others go on through the cache.
+- Chunked prefill (a server's, `prefill_chunk` > 0): a prompt longer than prefill_chunk tokens is
+  prefilled that many tokens per step, into a cache of its own, while the running rows go on
+  decoding a token per step; after its last chunk it joins the running cache and gets its first
+  token. One long prompt at a time; its tokens are the ones an unchunked prefill gives.
 - Preemption (a server's): `park` takes a row out of the batch with its state, `resume` prefills
   its prompt and tokens again. `batch_invariant` runs each row's forward passes on their own, so
   its logits are bit-identical whatever else runs (slower).
 - The engine knows tokens only. With a tokenizer, each row's tokens also go through a
   `gptkit.textstream.TextStream` (incremental UTF-8, stop strings that may span tokens).
 - A seeded row draws its uniform numbers from its own generator, so its sample does not depend on
-  which other requests share the batch. The sampling math itself is `gptkit.sample`'s.
+  which other requests share the batch. Choosing the tokens is `gptkit.batch_sampler`'s, the
+  sampling math itself `gptkit.sample`'s; logprobs are `gptkit.logprobs`'.
 - A prompt longer than the context is an error, or is cut to its last tokens with a warning
   (`truncate=True`). Past the context, generation goes on with nanoGPT's sliding window: each step
   recomputes the last block_size tokens.
@@ -40,10 +45,11 @@ import torch
 
 from gptkit.errors import GptkitError
 from gptkit.batch_cache import BatchCache, left_pad_inputs, row_view
+from gptkit.batch_sampler import BatchSampler
+from gptkit.logprobs import attach_logprobs
 from gptkit.model import GPT
 from gptkit.quantize import only_top_k_logits
-from gptkit.sample import (presence_frequency_penalty, repetition_penalty, sample_from_logits, sample_next,
-                           sample_unfiltered)
+from gptkit.sample import sample_next
 from gptkit.textstream import TextStream, token_bytes_fn
 
 
@@ -184,110 +190,6 @@ class _Row:
         return Event(self.index, t, text)
 
 
-class _Sampler:
-    """Chooses the next token of every row of a step from its logits, each row with its own
-    settings. The settings are kept as tensors, rebuilt whenever the batch's rows change."""
-
-    def __init__(self, vocab_size: int, device, generator: torch.Generator | None):
-        self.V, self.device = vocab_size, device
-        self.generator = generator  # for rows without a seed (None: torch's global RNG)
-        self.rows: list[_Row] | None = None  # the rows the tensors were built for
-
-    def screen_k(self, rows: list[_Row]) -> int | None:
-        """The number of top logits that can matter for these rows, or None for all of them: every
-        row greedy or top-k, and no penalty or logit bias."""
-        V = self.V
-        if any(_reshapes_logits(r.params) for r in rows):
-            return None
-        k = max(1 if r.params.temperature == 0 else (min(r.params.top_k, V) if r.params.top_k else V) for r in rows)
-        return k if k < V else None
-
-    def _build(self, rows: list[_Row]) -> None:
-        self.rows = list(rows)
-        dev = self.device
-        V = self.V
-        p = [r.params for r in rows]
-        self.greedy = torch.tensor([sp.temperature == 0 for sp in p], device=dev)
-        self.all_greedy = bool(self.greedy.all())
-        self.any_greedy = bool(self.greedy.any())
-        self.temperature = torch.tensor([sp.temperature or 1.0 for sp in p], device=dev)
-        self.top_k = torch.tensor([min(sp.top_k, V) if sp.top_k else V for sp in p], device=dev)
-        self.top_p = torch.tensor([sp.top_p if sp.top_p is not None else 1.0 for sp in p], device=dev)
-        self.penalty = torch.tensor([sp.repetition_penalty for sp in p], device=dev)
-        # sampled rows with neither top-k nor top-p draw over the whole vocabulary in its own order:
-        # no sort of V logits, which the fused top-k/top-p sampler needs (100 ms for 32 x 50257 here)
-        plain = [sp.temperature > 0 and not (sp.top_k and sp.top_k < V) and (sp.top_p is None or sp.top_p >= 1.0)
-                 for sp in p]
-        filtered = [sp.temperature > 0 and not pl for sp, pl in zip(p, plain)]
-        self.plain_rows = torch.tensor([i for i, x in enumerate(plain) if x], dtype=torch.long, device=dev)
-        self.filtered_rows = torch.tensor([i for i, x in enumerate(filtered) if x], dtype=torch.long, device=dev)
-        self._build_penalties(rows)
-        self.seen = None  # (B, V) bool: the tokens in each row's context, for the repetition penalty
-        if any(sp.repetition_penalty != 1.0 for sp in p):
-            self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
-            for i, r in enumerate(rows):
-                self.seen[i, torch.tensor(r.prompt + r.tokens, device=dev).clamp(max=V - 1)] = True
-
-    def _build_penalties(self, rows: list[_Row]) -> None:
-        """OpenAI's logit_bias (B, V) and generated-token counts (B, V), where a row asks for them."""
-        dev, V, p = self.device, self.V, [r.params for r in rows]
-        self.bias = self.counts = None
-        if any(sp.logit_bias for sp in p):
-            self.bias = torch.zeros(len(rows), V, device=dev)
-            for i, sp in enumerate(p):
-                for t, b in (sp.logit_bias or {}).items():
-                    self.bias[i, int(t)] = float(b)
-        if any(sp.presence_penalty or sp.frequency_penalty for sp in p):
-            self.presence = torch.tensor([sp.presence_penalty for sp in p], device=dev)
-            self.frequency = torch.tensor([sp.frequency_penalty for sp in p], device=dev)
-            self.counts = torch.zeros(len(rows), V, device=dev)
-            for i, r in enumerate(rows):
-                if r.tokens:
-                    ids = torch.tensor(r.tokens, device=dev).clamp(max=V - 1)
-                    self.counts[i].index_add_(0, ids, torch.ones(len(r.tokens), device=dev))
-
-    def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
-        """One uniform number per row (B,): a seeded row's from its own generator."""
-        u = torch.empty(len(rows))
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if unseeded:
-            g = self.generator
-            u[unseeded] = torch.rand(len(unseeded), generator=g, device=g.device if g is not None else "cpu").cpu()
-        for i, r in enumerate(rows):
-            if r.generator is not None:
-                u[i] = torch.rand(1, generator=r.generator).item()
-        return u
-
-    def choose(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """Next token ids (B,) on the CPU for rows with logits (B, V); marks them seen."""
-        if rows != self.rows:
-            self._build(rows)
-        # OpenAI's logit_bias, then the repetition penalty, then presence/frequency (vLLM's order)
-        if self.bias is not None:
-            logits = logits + self.bias
-        if self.seen is not None:
-            logits = repetition_penalty(logits, self.seen, self.penalty)
-        if self.counts is not None:
-            logits = presence_frequency_penalty(logits, self.counts, self.presence, self.frequency)
-        if self.all_greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            u = self._uniforms(rows).to(logits.device)
-            tokens = logits.argmax(dim=-1) if self.any_greedy else torch.zeros(len(rows), dtype=torch.long,
-                                                                                    device=logits.device)
-            f = self.filtered_rows
-            if len(f):
-                tokens[f] = sample_from_logits(logits[f], self.temperature[f], self.top_k[f], self.top_p[f], u[f])
-            f = self.plain_rows
-            if len(f):
-                tokens[f] = sample_unfiltered(logits[f], self.temperature[f], u[f])
-        if self.seen is not None:
-            self.seen[torch.arange(len(rows), device=self.device), tokens.to(self.device)] = True
-        if self.counts is not None:
-            self.counts[torch.arange(len(rows), device=self.device), tokens.to(self.device)] += 1
-        return tokens.cpu()
-
-
 class Generation:
     """A batch of requests generated together, one token per row per `step()`; requests may join
     while it runs (`add`), and finished ones leave it.
@@ -297,9 +199,9 @@ class Generation:
     strings; eot: the end-of-text id (default: the tokenizer's); generator: the random stream of
     rows without a seed (default: torch's global RNG). Prompts may be empty: `add` them later.
 
-    Rows live in three groups: `active` ones run through the KV cache (`BatchCache`, in the same
+    Rows live in four groups: `active` ones run through the KV cache (`BatchCache`, in the same
     order), `windowed` ones are past the context and recomputed, `joining` ones are prefilled at
-    the next step.
+    the next step, `prefilling` ones (long prompts, with `prefill_chunk` > 0) a chunk per step.
     """
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]] = (),
@@ -323,9 +225,14 @@ class Generation:
         self.cache = BatchCache(self.config, self.device, model.transformer.wte.weight.dtype)
         self.windowed: list[_Row] = []  # rows past the context: their last block_size tokens, recomputed
         self.joining: list[_Row] = []  # added, prefilled at the next step
+        # > 0: a prompt longer than this is prefilled this many tokens per step (the server's
+        # --prefill-chunk); the first row of `prefilling` runs, into its own cache `chunk_kv`
+        self.prefill_chunk = 0
+        self.prefilling: list[_Row] = []
+        self.chunk_kv = None
         self.pending: list[Event] = []
         self.forward_sizes: list[int] = []  # rows in each forward pass of the last step
-        self.sampler = _Sampler(self.config.vocab_size, self.device, generator)
+        self.sampler = BatchSampler(self.config.vocab_size, self.device, generator)
         self.screen_k: int | None = None  # the top logits this step's rows need (None: all)
         # True: every row runs its own forward passes (a batch of one), so its logits, and so its
         # tokens, never depend on which other rows share the batch (slower: one pass per row)
@@ -358,12 +265,12 @@ class Generation:
     @property
     def done(self) -> bool:
         """No request is left to run (events may still be pending)."""
-        return all(r.finished for r in (*self.active, *self.windowed, *self.joining))
+        return all(r.finished for r in (*self.active, *self.windowed, *self.joining, *self.prefilling))
 
     @property
     def running(self) -> int:
         """Unfinished requests, running or about to join."""
-        return sum(not r.finished for r in (*self.active, *self.windowed, *self.joining))
+        return sum(not r.finished for r in (*self.active, *self.windowed, *self.joining, *self.prefilling))
 
     def cancel(self, index: int) -> None:
         """Stop request `index` (e.g. its client went away); it leaves the batch at the next step."""
@@ -385,7 +292,7 @@ class Generation:
         r = self.rows[index]
         if r.parked:
             r.parked = False
-            if not r.finished and r not in self.joining:
+            if not r.finished and r not in self.joining and r not in self.prefilling:
                 self.joining.append(r)
 
     def release(self, index: int) -> None:
@@ -408,22 +315,29 @@ class Generation:
         self.joining = [r for r in self.joining if not (r.finished or r.parked)]
         self.windowed = [r for r in self.windowed if not (r.finished or r.parked)]
         self._compact()
-        joining, self.joining = self.joining, []
-        if not (self.active or self.windowed or joining):
+        joining, self.joining = self._split_long(self.joining), []
+        if not (self.active or self.windowed or joining or self.prefilling):
             return events
-        self.screen_k = self.sampler.screen_k([*self.active, *self.windowed, *joining])
+        last_chunk = self.prefilling[:1] if self._last_chunk_now() else []  # gets its first token now
+        sampling = [*self.active, *self.windowed, *joining, *last_chunk]
+        self.screen_k = self.sampler.screen_k(sampling) if sampling else None
         parts = []
         if self.active:
             parts.append(self._decode())
         if joining:
             parts.append(self._prefill(joining))  # the new rows join self.active at its end
+        if self.prefilling:
+            parts.append(self._prefill_chunk())  # after its last chunk, the row joins self.active too
         if self.windowed:
             parts.append(self._recompute())
+        parts = [p for p in parts if p is not None]
+        if not parts:  # only a chunk of a long prompt ran: no row gets a token this step
+            return events
         rows = self.active + self.windowed
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         tokens = self.sampler.choose(rows, logits)  # (B,) on the CPU
         new = [r.accept(t) for r, t in zip(rows, tokens.tolist())]
-        _attach_logprobs(rows, logits, tokens, new)
+        attach_logprobs(rows, logits, tokens, new)
         events.extend(new)
         return events
 
@@ -490,6 +404,49 @@ class Generation:
         self.active = self.active + rows
         return logits
 
+    def _split_long(self, joining: list[_Row]) -> list[_Row]:
+        """With chunked prefill on, move the joining rows whose prefill is longer than a chunk to the
+        back of `prefilling`, and drop finished and parked ones from it; returns the other rows."""
+        if self.prefilling and (self.prefilling[0].finished or self.prefilling[0].parked):
+            self.chunk_kv = None  # the row in progress left: its partial cache goes
+        self.prefilling = [r for r in self.prefilling if not (r.finished or r.parked)]
+        # dynamic NTK RoPE picks its frequencies by the pass's longest position: chunks would differ
+        if self.prefill_chunk <= 0 or getattr(self.model, "rope_dynamic_from", 0):
+            return joining
+        long = [len(r.prompt) + len(r.tokens) > self.prefill_chunk for r in joining]
+        self.prefilling += [r for r, x in zip(joining, long) if x]
+        return [r for r, x in zip(joining, long) if not x]
+
+    def _last_chunk_now(self) -> bool:
+        """Does the long prompt in progress run its last chunk this step?"""
+        if not self.prefilling:
+            return False
+        r, done = self.prefilling[0], self.chunk_kv.pos if self.chunk_kv is not None else 0
+        return len(r.prompt) + len(r.tokens) - done <= self.prefill_chunk
+
+    def _prefill_chunk(self) -> torch.Tensor | None:
+        """Run the next chunk of the first long prompt into its own cache. After its last chunk, the
+        row joins the running cache (at the end of self.active): logits (1, V) for its first
+        token; before that, None."""
+        r = self.prefilling[0]
+        seq = r.prompt + r.tokens  # a resumed row recomputes its tokens too
+        need = [len(r.prompt) + r.params.max_new_tokens]
+        if self.chunk_kv is None:
+            self.chunk_kv = self.cache.prefill_cache([0], need, len(seq))
+        kv = self.chunk_kv
+        end = min(kv.pos + self.prefill_chunk, len(seq))
+        idx = torch.tensor([seq[kv.pos:end]], device=self.device)  # (1, chunk): positions kv.pos..end-1
+        if end < len(seq):
+            self.forward_sizes.append(1)
+            self.model(idx, cache=kv, last_only=True)  # keys and values only
+            return None
+        logits = self._forward(idx, cache=kv, last_only=True)
+        self.prefilling.pop(0)
+        self.chunk_kv = None
+        self.cache.admit(kv, [0], need)
+        self.active.append(r)
+        return logits
+
     def _recompute(self) -> torch.Tensor:
         """Rows past the context: nanoGPT's sliding window, the last block_size tokens recomputed."""
         bs = self.config.block_size
@@ -499,46 +456,6 @@ class Generation:
         idx, pad = _left_padded(seqs)
         positions, key_mask = left_pad_inputs(pad, 0, idx.size(1), self.device)
         return self._forward(idx.to(self.device), positions=positions, key_mask=key_mask, last_only=True)
-
-
-def _reshapes_logits(sp: SamplingParams) -> bool:
-    """Does this row need all V logits exact (penalties, bias, or logprobs asked for)?"""
-    return (sp.repetition_penalty != 1.0 or bool(sp.presence_penalty or sp.frequency_penalty or sp.logit_bias)
-            or sp.logprobs is not None)
-
-
-def top_logprobs(logp: torch.Tensor, n: int) -> list[tuple[int, float]]:
-    """The n most likely (token id, logprob) of one position's log-probabilities (V,)."""
-    if n <= 0:
-        return []
-    v, i = logp.topk(min(n, logp.size(-1)))
-    return list(zip(i.tolist(), v.tolist()))
-
-
-def _attach_logprobs(rows: list[_Row], logits: torch.Tensor, tokens: torch.Tensor, events: list[Event]) -> None:
-    """Give the events of rows that asked for logprobs their token's logprob and the top-N, from the
-    model's own distribution (log_softmax of the raw logits, before bias, penalties and temperature,
-    as vLLM reports them)."""
-    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    if not want:
-        return
-    logp = torch.log_softmax(logits[want].float(), dim=-1).cpu()  # (b, V)
-    for k, i in enumerate(want):
-        t = int(tokens[i])
-        events[i].logprob = float(logp[k, t])
-        events[i].top_logprobs = top_logprobs(logp[k], rows[i].params.logprobs)
-
-
-@torch.inference_mode()
-def prompt_logprobs(model: GPT, ids: Sequence[int], n: int) -> tuple[list[float | None], list[list | None]]:
-    """The logprob of each prompt token given the ones before it, from one forward pass over the
-    prompt, and the top-n (id, logprob) at each position; the first token has neither (None)."""
-    device = model.transformer.wte.weight.device
-    logits = model(torch.tensor([list(ids)], device=device))[0, :-1].float()  # (T-1, V)
-    logp = torch.log_softmax(logits, dim=-1).cpu()
-    nxt = torch.tensor(list(ids[1:]), dtype=torch.long)
-    chosen = logp.gather(1, nxt[:, None])[:, 0].tolist() if len(ids) > 1 else []
-    return [None, *chosen], [None, *(top_logprobs(logp[t], n) for t in range(len(ids) - 1))]
 
 
 # ----------------------------------------------------------------------------------------------

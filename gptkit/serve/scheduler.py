@@ -6,6 +6,8 @@
   scheduler keeps a single one running for the server's life. A request that arrives while it runs
   joins it at the next step (continuous batching, as vLLM does): the engine prefills the newcomers
   and merges their keys and values into the running cache; finished and cancelled rows leave it.
+  A prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, so the running rows
+  keep streaming meanwhile.
   When nothing runs, requests arriving within `batch_wait_s` of each other start together.
 - Fairness. At most `max_batch` rows run at once. Waiting requests get free rows round-robin, one
   row per request per turn, so one request's many rows do not keep the next request out. When no
@@ -31,7 +33,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from gptkit.generate import Event, Generation, SamplingParams, prompt_logprobs
+from gptkit.generate import Event, Generation, SamplingParams
+from gptkit.logprobs import prompt_logprobs
 from gptkit.serve.config import ServeConfig
 from gptkit.serve.protocol import Overloaded, ShuttingDown
 
@@ -114,8 +117,7 @@ class Scheduler:
 
     def _new_generation(self) -> Generation:
         gen = Generation(self.model, [], [], self.tokenizer)
-        if self.config.batch_invariant:
-            gen.batch_invariant = True
+        gen.prefill_chunk, gen.batch_invariant = self.config.prefill_chunk, self.config.batch_invariant
         return gen
 
     @property
