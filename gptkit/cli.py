@@ -342,6 +342,8 @@ def _serve(p):
                    help="n x max_tokens one prompt may ask for (default 32768)")
     p.add_argument("--preempt-after", type=int, default=32, help="a row that generated this many tokens may be "
                    "parked for a waiting request that was served less, and resumed later (default 32; 0: never)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prefill a longer prompt this many tokens per "
+                   "step, so running requests keep streaming meanwhile (default 256; 0: whole prompts at once)")
     p.add_argument("--batch-invariant", action="store_true", help="run every row on its own, so its tokens never "
                    "depend on the other requests in the batch (slower; no preemption)")
     p.add_argument("--shutdown-grace", type=float, default=5.0,
@@ -368,7 +370,8 @@ def _serve(p):
         cfg = serve.ServeConfig(max_batch=a.max_batch, queue_size=a.queue_size, max_cohorts=a.max_cohorts,
                                 batch_wait_s=a.batch_wait_ms / 1000, max_tokens_limit=a.max_tokens_limit,
                                 max_rows_per_request=a.max_rows_per_request, request_token_budget=a.request_token_budget,
-                                preempt_after=a.preempt_after, batch_invariant=a.batch_invariant,
+                                preempt_after=a.preempt_after, prefill_chunk=a.prefill_chunk,
+                                batch_invariant=a.batch_invariant,
                                 shutdown_grace_s=a.shutdown_grace, header_timeout_s=a.header_timeout,
                                 body_timeout_s=a.body_timeout, idle_timeout_s=a.idle_timeout, allowed_hosts=hosts,
                                 cors_origins=tuple(a.cors_origin),

@@ -21,6 +21,8 @@ class ServeConfig:
     request_token_budget: int = 32768  # rows x max_tokens in one request
     preempt_after: int = 32  # a row that generated this many tokens since it (re)started may be parked
     #                          for a waiting request, and resumed later by recompute; 0: never preempt
+    prefill_chunk: int = 256  # a longer prompt is prefilled this many tokens per step, so the running rows
+    #                           keep decoding meanwhile (chunked prefill); 0: whole prompts at once
     batch_invariant: bool = False  # run every row on its own: its tokens never depend on the batch
     # shutdown and network hygiene
     shutdown_grace_s: float = 5.0  # after SIGTERM/SIGINT, running rows may finish for this long
@@ -47,6 +49,9 @@ class ServeConfig:
         if not isinstance(self.preempt_after, int) or self.preempt_after < 0:
             raise GptkitError(f"must be an integer >= 0, got {self.preempt_after!r}", "--preempt-after",
                               "give a number of tokens, or 0 to never preempt")
+        if not isinstance(self.prefill_chunk, int) or isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 0:
+            raise GptkitError(f"must be an integer >= 0, got {self.prefill_chunk!r}", "--prefill-chunk",
+                              "give a number of tokens, or 0 to prefill whole prompts at once")
         for name, opt in (("batch_wait_s", "--batch-wait-ms"), ("shutdown_grace_s", "--shutdown-grace"),
                           ("step_delay_s", "step_delay_s")):
             v = getattr(self, name)
