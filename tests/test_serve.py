@@ -422,3 +422,17 @@ def test_loadtest_counts_every_answer_against_a_running_server(server, capsys):
     xs = [5.0, 1.0, 4.0, 2.0, 3.0, 9.0, 7.0]
     for q in (1, 50, 90, 99, 100):  # nearest-rank, as numpy's "inverted_cdf" method
         assert _percentile(xs, q) == np.percentile(xs, q, method="inverted_cdf")
+
+
+def test_loadtest_prefill_mode_reports_the_decoding_streams_gaps(server, capsys):
+    """`loadtest --prefill`: decoding streams run while long prompts (token ids) arrive; every long
+    prompt is answered, and the report carries the gaps and the time to first token."""
+    from gptkit.bench.loadtest import main, run_prefill
+
+    r = run_prefill(server.url, streams=2, stream_max_tokens=50, long=2, prompt_tokens=40, api_key=KEY)
+    assert r["errors"] == 0, r["error_kinds"]
+    assert r["long_ttft_p50_s"] > 0 and r["long"] == 2 and r["prompt_tokens"] == 40
+    assert r["gaps"] == 0 or r["gap_max_s"] >= r["gap_p99_s"] >= r["gap_p50_s"] > 0
+    assert main(["--url", server.url, "--api-key", KEY, "--prefill", "--long", "1", "--long-max-tokens", "20",
+                 "--short", "1", "--prompt-tokens", "30"]) == 0
+    assert "prompts of 30 tokens" in capsys.readouterr().out

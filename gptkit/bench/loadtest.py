@@ -10,6 +10,13 @@ the default 32-row batch), waits until all of them generate, then sends `--short
 requests one after another and reports their time to first token (p50/p99), next to the figures
 the server's `GET /metrics` gives (its TTFT histogram, preemptions, tokens, requests by status).
 
+With `--prefill` it measures whether long prompts stall the requests that are decoding: it starts
+`--long` streaming requests (short prompts, `--long-max-tokens` tokens each) and, while they stream,
+sends `--short` requests with prompts of `--prompt-tokens` random token ids one after another. It
+reports the decoding streams' gaps between tokens while the long prompts arrive (p50, p99, max) and
+the long prompts' time to first token; compare `--server-args '--prefill-chunk 0'` (whole-prompt
+prefills) with the default chunked prefill.
+
 Each client sends its requests one after another (half of the clients stream by default); all
 clients start together. A warm-up round (one request per client) comes first, so "RSS before" is
 the server's memory once its buffers and thread pools exist, and "after" shows whether serving the
@@ -21,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -162,6 +170,63 @@ def run_fairness(url: str, long: int = 4, long_n: int = 8, long_max_tokens: int 
         "metrics_generation_tokens": delta("gptkit_generation_tokens_total"),
         "metrics_requests_200": delta('gptkit_requests_total{route="/v1/completions",status="200"}'),
     }
+
+
+def run_prefill(url: str, streams: int = 4, stream_max_tokens: int = 512, long: int = 4, prompt_tokens: int = 512,
+                vocab: int = 50257, api_key: str | None = None, timeout: float = 600.0) -> dict:
+    """Decoding streams' inter-token gaps while `long` prompts of `prompt_tokens` tokens arrive."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    stop, started = threading.Event(), [threading.Event() for _ in range(streams)]
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+
+    def stream(i: int) -> None:
+        body = {"prompt": f"Stream {_letters(i)}:", "max_tokens": stream_max_tokens, "temperature": 1.0, "stream": True}
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers=headers,
+                                     method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                for line in r:  # each event carries one token's text (or nothing yet)
+                    if line.startswith(b"data: "):
+                        arrivals[i].append(time.perf_counter())
+                        started[i].set()
+                    if stop.is_set() or line.strip() == b"data: [DONE]":
+                        return  # closing the connection frees the row
+        except Exception:
+            started[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for e in started:
+        e.wait(timeout)
+    rng = random.Random(0)
+    t0, ttfts, errors = time.perf_counter(), [], []
+    for k in range(long):
+        ids = [rng.randrange(vocab) for _ in range(prompt_tokens)]
+        ttft, _, err = _stream_ttft(url, {"prompt": ids, "max_tokens": 2, "temperature": 1.0}, api_key, timeout)
+        (errors.append(err) if err else ttfts.append(ttft))
+    t1 = time.perf_counter()
+    stop.set()
+    for t in threads:
+        t.join(timeout)
+    gaps = [b - a for ts in arrivals for a, b in zip(ts, ts[1:]) if b > t0 and a < t1]
+    cut = sum(len(ts) > 0 and ts[-1] < t1 for ts in arrivals)
+    return {"streams": streams, "long": long, "prompt_tokens": prompt_tokens, "errors": len(errors),
+            "error_kinds": dict(Counter(errors)), "streams_ended_early": cut, "gaps": len(gaps),
+            "gap_p50_s": _percentile(gaps, 50) if gaps else None, "gap_p99_s": _percentile(gaps, 99) if gaps else None,
+            "gap_max_s": max(gaps, default=None), "long_ttft_p50_s": _percentile(ttfts, 50) if ttfts else None,
+            "long_ttft_max_s": max(ttfts, default=None), "window_s": t1 - t0}
+
+
+def format_prefill(r: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.3f} s"  # noqa: E731
+    return "\n".join([
+        f"{r['streams']} decoding streams; {r['long']} prompts of {r['prompt_tokens']} tokens sent one after another "
+        f"({r['window_s']:.1f} s), errors {r['errors']}" + (f" {r['error_kinds']}" if r["errors"] else ""),
+        f"decoding streams' gaps between tokens meanwhile ({r['gaps']}): p50 {f(r['gap_p50_s'])}, "
+        f"p99 {f(r['gap_p99_s'])}, max {f(r['gap_max_s'])}",
+        f"long prompts' time to first token: p50 {f(r['long_ttft_p50_s'])}, max {f(r['long_ttft_max_s'])}",
+    ])
 
 
 def format_fairness(r: dict) -> str:
@@ -338,12 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-n", type=int, default=8, help="--fairness: rows (n) per long request (default 8)")
     p.add_argument("--long-max-tokens", type=int, default=512, help="--fairness: tokens per long row (default 512)")
     p.add_argument("--short", type=int, default=20, help="--fairness: short requests, one after another")
+    p.add_argument("--prefill", action="store_true", help="measure decoding streams' inter-token gaps while "
+                   "long prompts arrive (--long streams, --short prompts of --prompt-tokens tokens)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="--prefill: tokens per long prompt (default 512)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     a = p.parse_args(argv)
     if a.clients < 1 or a.requests < 1:
         p.error("--clients and --requests must be >= 1")
 
     def go(url: str) -> dict:
+        if a.prefill:
+            return run_prefill(url, a.long, a.long_max_tokens, a.short, a.prompt_tokens, api_key=a.api_key)
         if a.fairness:
             return run_fairness(url, a.long, a.long_n, a.long_max_tokens, a.short, a.max_tokens, a.api_key)
         return run_load(url, a.clients, a.requests, a.max_tokens, a.api_key, a.stream, prompt=a.prompt)
@@ -353,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             r = go(srv.url)
     else:
         r = go(a.url.rstrip("/"))
-    print(json.dumps(r) if a.json else (format_fairness if a.fairness else format_report)(r))
+    fmt = format_prefill if a.prefill else format_fairness if a.fairness else format_report
+    print(json.dumps(r) if a.json else fmt(r))
     return 0 if r["errors"] == 0 else 1
 
 
