@@ -422,7 +422,7 @@ class Generation:
         if not self.prefilling:
             return False
         r, done = self.prefilling[0], self.chunk_kv.pos if self.chunk_kv is not None else 0
-        return len(r.prompt) + len(r.tokens) - done <= self.prefill_chunk
+        return self.prefill_chunk <= 0 or len(r.prompt) + len(r.tokens) - done <= self.prefill_chunk
 
     def _prefill_chunk(self) -> torch.Tensor | None:
         """Run the next chunk of the first long prompt into its own cache. After its last chunk, the
@@ -434,7 +434,7 @@ class Generation:
         if self.chunk_kv is None:
             self.chunk_kv = self.cache.prefill_cache([0], need, len(seq))
         kv = self.chunk_kv
-        end = min(kv.pos + self.prefill_chunk, len(seq))
+        end = min(kv.pos + self.prefill_chunk, len(seq)) if self.prefill_chunk > 0 else len(seq)  # (turned off)
         idx = torch.tensor([seq[kv.pos:end]], device=self.device)  # (1, chunk): positions kv.pos..end-1
         if end < len(seq):
             self.forward_sizes.append(1)

@@ -127,6 +127,20 @@ def test_a_long_prompt_cancelled_or_parked_mid_prefill(model):
     assert gen.rows[keep].tokens == want and gen.rows[gone].tokens == []
 
 
+def test_turning_chunking_off_mid_prefill_runs_the_rest_of_the_prompt_at_once(model):
+    sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+    want = Generation(model, [_prompt(70, 7)], sp).completions()[0].token_ids
+    gen = Generation(model)
+    gen.prefill_chunk = 16
+    i = gen.add(_prompt(70, 7), sp)
+    assert gen.step() == []
+    gen.prefill_chunk = 0
+    assert [e.index for e in gen.step()] == [i]
+    while not gen.done:
+        gen.step()
+    assert gen.rows[i].tokens == want
+
+
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 def test_chunked_prefill_greedy_equals_transformers_greedy(preset):
     """Greedy tokens, and each token's logprob (a random model's greedy tokens hardly depend on the
