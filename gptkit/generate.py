@@ -48,7 +48,7 @@ from gptkit.batch_cache import BatchCache, left_pad_inputs, row_view
 from gptkit.batch_sampler import BatchSampler
 from gptkit.logprobs import attach_logprobs
 from gptkit.model import GPT
-from gptkit.quantize import only_top_k_logits
+from gptkit.quantize import only_top_k_logits, prefill_kernels
 from gptkit.sample import sample_next
 from gptkit.textstream import TextStream, token_bytes_fn
 
@@ -370,6 +370,9 @@ class Generation:
     def _forward(self, idx: torch.Tensor, **kw) -> torch.Tensor:
         """Last-position logits (B, V) in fp32; only the top `screen_k` need be exact."""
         self.forward_sizes.append(idx.size(0))
+        if kw.get("last_only"):  # a prefill (or recompute): int8 weights take their prefill kernel
+            with prefill_kernels(self.model), only_top_k_logits(self.model, self.screen_k):
+                return self.model(idx, **kw)[:, -1, :].float()
         with only_top_k_logits(self.model, self.screen_k):
             return self.model(idx, **kw)[:, -1, :].float()
 
@@ -438,7 +441,8 @@ class Generation:
         idx = torch.tensor([seq[kv.pos:end]], device=self.device)  # (1, chunk): positions kv.pos..end-1
         if end < len(seq):
             self.forward_sizes.append(1)
-            self.model(idx, cache=kv, last_only=True)  # keys and values only
+            with prefill_kernels(self.model):
+                self.model(idx, cache=kv, last_only=True)  # keys and values only
             return None
         logits = self._forward(idx, cache=kv, last_only=True)
         self.prefilling.pop(0)

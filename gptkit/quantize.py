@@ -6,6 +6,10 @@ in bf16 halves that; int8 with one fp32 scale per output channel (symmetric, abs
 quarters it. Activations, LayerNorms, the residual stream, the embeddings and the KV cache stay
 fp32: only the matmuls change, and they accumulate in fp32.
 
+An int8 Linear fed many rows (a prefill: from 64 rows on, or any rows inside `prefill_kernels`,
+which the engine's prefills use) dequantizes its weight to bf16 and runs one bf16 GEMM instead:
+the weight-only kernel's cost grows with the rows, a GEMM's far less (512 rows: 2.3x faster here).
+
 `quantize_for_inference(model, "int8")` returns a copy whose Linear modules are replaced; the
 model code itself is untouched. "float32" keeps the values and only stores the weights transposed,
 which the CPU's GEMM streams faster for the thin activations of decoding; its lm_head is a
@@ -94,6 +98,9 @@ class BF16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+INT8_DEQUANT_ROWS = 64  # Int8Linear: from this many rows on, dequantize the weight and run a bf16 GEMM
+
+
 class Int8Linear(nn.Module):
     """y = (x (q * scale)^T) + b with q int8 per-channel quantized."""
 
@@ -105,10 +112,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.out_features, self.in_features = q.shape
         self._fast = None  # whether torch's int8 weight-only kernel works here, decided on first use
+        self.prefill = False  # set by `prefill_kernels`: the dequantized path, whatever the rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if (self.prefill or x2.shape[0] >= INT8_DEQUANT_ROWS) and x2.device.type == "cpu":
+            # a prefill or many rows: the weight dequantized once per call to bf16 (the kernel's own
+            # scale precision), then one bf16 GEMM; the weight-only kernel's cost grows with the
+            # rows (on this CPU: equal at ~48 rows, 2.3x slower at 512)
+            w = self.qweight.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]  # (N, K)
+            y = F.linear(x2.to(torch.bfloat16), w).float().reshape(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         if self._fast is not False:
             try:
                 # torch's weight-only int8 kernel (CPU and CUDA): bf16 activations, bf16 scales
@@ -192,6 +207,22 @@ class ScreenedHead(nn.Module):
         out = torch.full((h.shape[0], Vp), float("-inf"), device=h.device)
         out.scatter_(1, cand, exact)
         return out.reshape(*shape[:-1], Vp)
+
+
+@contextmanager
+def prefill_kernels(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's int8 Linears take their prefill path (dequantized weight, bf16
+    GEMM) for any number of rows, so a prompt prefilled in chunks of any length gets the numbers of
+    the whole prompt prefilled at once (each path computes every row on its own)."""
+    head = getattr(model, "lm_head", None)  # it sees the last position only: the per-row kernel suits it
+    mods = [m for m in model.modules() if isinstance(m, Int8Linear) and m is not head]
+    for m in mods:
+        m.prefill = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.prefill = False
 
 
 @contextmanager

@@ -238,3 +238,34 @@ def test_bench_generate_ttft_lines(capsys):
         assert r["ttft_s"] > 0 and r["vs_transformers"] > 0
     assert lines[-1]["vs_transformers"] == 1.0
     assert main(["bench", "generate", "--ttft", "--model", "gpt2-tiny", "--prompt-tokens", "5000"]) == 2
+
+
+def test_int8_prefill_kernel_matches_the_dequantized_reference_and_chunking_keeps_its_tokens():
+    """Int8Linear's prefill path (the weight dequantized to bf16, one GEMM; taken from 64 rows on,
+    or for any rows inside `prefill_kernels`) against an fp32 product with the dequantized weight;
+    and an int8 model's chunked prefill gives the tokens of its whole-prompt prefill."""
+    from gptkit.quantize import INT8_DEQUANT_ROWS, Int8Linear, prefill_kernels
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 80)
+    q = Int8Linear(lin.weight, lin.bias)
+    ref_w = q.qweight.float() * q.scale[:, None]  # (N, K) dequantized, fp32
+    for rows in (3, INT8_DEQUANT_ROWS, 200):
+        x = torch.randn(rows, 96)
+        with prefill_kernels(torch.nn.Sequential(q)):
+            got = q(x)
+        ref = x @ ref_w.t() + lin.bias
+        torch.testing.assert_close(got, ref, atol=0.02 * ref.abs().max().item(), rtol=0)
+        assert torch.equal(got[:3], q(x)[:3]) == (rows >= INT8_DEQUANT_ROWS)  # outside: per-row kernel below 64
+    torch.manual_seed(0)
+    m = quantize_for_inference(GPT(GPTConfig(block_size=256, vocab_size=V, n_layer=2, n_head=2, n_embd=64)), "int8")
+    sp = SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=1)
+    runs = []
+    for chunk in (0, 100):  # whole; a 100-row chunk, then a 50-row one
+        gen = Generation(m)
+        gen.prefill_chunk = chunk
+        gen.add(_prompt(150, 3), sp)
+        events = [e for e in gen if e.token is not None]
+        runs.append(([e.token for e in events], torch.tensor([e.logprob for e in events])))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-6, rtol=0)  # (3e-5 apart with the kernels mixed)
