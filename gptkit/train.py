@@ -11,6 +11,7 @@ then `_finish`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ class Trainer:
         self.model = model
         self.train_loader, self.val_loader = sft.make_loaders(cfg, self.data_dir, meta, mcfg.vocab_size, dist)
         self.extra_state = {**({"lora": self.lora} if self.lora else {}), **sft.carried_state(meta, self.data_dir)}
+        if cfg.optimizer == "auto":  # resolved once: config.toml and the checkpoints name what the run uses,
+            # so a resume (with or without FSDP) goes on with the same optimizer
+            self.cfg = cfg = dataclasses.replace(cfg, optimizer=optimizer_kind(cfg, self.fsdp))
         self.optimizer, self.names = make_optimizer(model, cfg, self.device.type, self.fsdp)
         # fp16 needs loss scaling (CUDA); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None

@@ -119,3 +119,26 @@ def test_bad_optimizer_keys_are_one_line_errors():
         TrainConfig(optimizer="sgd")
     with pytest.raises(GptkitError, match="muon_lr"):
         TrainConfig(muon_lr=0)
+
+
+def test_auto_is_muon_from_scratch_adamw_with_init_and_a_resume_keeps_it(char_data, tmp_path):
+    """`optimizer=auto` (the default) is resolved once and written down: config.toml names the
+    optimizer the run uses, and a resume goes on with it."""
+    from safetensors.torch import load_file
+
+    from gptkit.cli import main
+    tiny = ["batch_size=2", "block_size=8", "warmup_steps=1", "eval_interval=0", "final_eval=false",
+            "sample_tokens=0", "progress=false", "dtype=float32"]
+    run = tmp_path / "scratch"
+    assert main(["train", "--data", str(char_data), "--out", str(run), "n_layer=1", "n_head=2", "n_embd=16", *tiny,
+                 "max_steps=2"]) == 0
+    assert re.search(r'^optimizer = "muon"$', (run / "config.toml").read_text(), re.M)
+    assert main(["train", "--out", str(run), "--resume", "max_steps=4"]) == 0
+    saved = load_file(run / "ckpt_00000004" / "optimizer.safetensors")
+    assert any(k.endswith(".momentum_buffer") for k in saved)  # still Muon
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--data", str(char_data), "--out", str(tuned), "--init", str(run), *tiny,
+                 "max_steps=1"]) == 0
+    assert re.search(r'^optimizer = "adamw"$', (tuned / "config.toml").read_text(), re.M)
+    saved = load_file(tuned / "ckpt_00000001" / "optimizer.safetensors")
+    assert not any(k.endswith(".momentum_buffer") for k in saved)
