@@ -39,6 +39,26 @@ def _isolate(tmp_path, monkeypatch):
     torch.manual_seed(0)
 
 
+def post_json(url: str, body, key: str | None = None, method: str = "POST", timeout: float = 30
+              ) -> tuple[int, dict]:
+    """(status, parsed JSON) of one request to a test server; `body` is a dict (sent as JSON) or raw
+    bytes; an HTTP error status is returned, not raised (an empty error body reads as {})."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
 def make_hf_model(path: Path, initializer_range: float = 0.3, **kw):
     """A tiny random GPT2LMHeadModel written by transformers itself: the same files users download.
 

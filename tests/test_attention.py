@@ -188,16 +188,22 @@ def test_gpt_with_backend_matches_math(backend):
     ref_model = GPT(cfg)
     model = GPT(cfg.replace(attention=backend))
     model.load_state_dict(ref_model.state_dict())
-    idx = torch.randint(0, 61, (2, 20))
-    tgt = torch.randint(0, 61, (2, 20))
-    ref_logits, ref_loss = ref_model(idx, tgt)
+    assert_same_training_pass(model, ref_model, vocab_size=61)
+
+
+def assert_same_training_pass(model, ref, vocab_size: int) -> torch.Tensor:
+    """`model` (weights loaded from `ref`) gives ref's logits and parameter gradients on a random
+    batch; returns the batch's inputs (2, 20)."""
+    idx, tgt = torch.randint(0, vocab_size, (2, 20)), torch.randint(0, vocab_size, (2, 20))
+    ref_logits, ref_loss = ref(idx, tgt)
     logits, loss = model(idx, tgt)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     ref_loss.backward()
     loss.backward()
-    ref_grads = dict(ref_model.named_parameters())
+    ref_grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    return idx
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,14 +15,7 @@ from gptkit.generate import Generation, SamplingParams
 from gptkit.model import GPT
 from gptkit.quantize import quantize_for_inference
 
-V = 1024
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return quantize_for_inference(GPT(GPTConfig(block_size=128, vocab_size=V, n_layer=2, n_head=2, n_embd=64)),
-                                  "float32")
+from test_serve_batch import V, model  # noqa: F401 (the fixture: a 2-layer GPT, fp32 inference weights)
 
 
 def _prompt(n: int, seed: int) -> list[int]:

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit import GPT, GPTConfig
+from gptkit import GPT
 from gptkit.config import model_preset, resolve_config
 from gptkit.generate import Generation, SamplingParams, generate, generate_batch
 from gptkit.loading import load_model
-from gptkit.tokenizer import CharTokenizer
 from gptkit.train import train
+from test_attention import assert_same_training_pass
+from test_sample import char_tok, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,19 +53,8 @@ def _losses(run) -> list[float]:
 def tiny_llama(vocab_size=96, block_size=48, std=0.5, seed=0, **kw) -> GPT:
     """A random GQA Llama (4 query heads, 2 key/value heads) with large weights, so that greedy
     choices are rarely near-ties."""
-    torch.manual_seed(seed)
-    cfg = dict(family="llama", block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-               n_embd=32, intermediate_size=64, bias=False)
-    cfg.update(kw)
-    m = GPT(GPTConfig(**cfg))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, std)
-    return m.eval()
-
-
-def char_tok(n=96):
-    return CharTokenizer([chr(32 + i) for i in range(n)])
+    return tiny_model(vocab_size, block_size, std, seed, **{"family": "llama", "n_head": 4, "n_kv_head": 2,
+                                                            "intermediate_size": 64, "bias": False, **kw})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,15 +270,7 @@ def test_gqa_llama_with_backend_matches_math_in_training_and_cached_decoding(bac
     ref = tiny_llama(vocab_size=61, block_size=32, std=0.1, n_embd=64, attention="math", block_q=8, block_k=8)
     model = GPT(ref.config.replace(attention=backend))
     model.load_state_dict(ref.state_dict())
-    idx, tgt = torch.randint(0, 61, (2, 20)), torch.randint(0, 61, (2, 20))
-    ref_logits, ref_loss = ref(idx, tgt)
-    logits, loss = model(idx, tgt)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    ref_loss.backward()
-    loss.backward()
-    ref_grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    idx = assert_same_training_pass(model, ref, vocab_size=61)
     # decoding from a left-padded prefill: q_offset, key_mask and positions in use
     key_mask = torch.ones(2, 12, dtype=torch.bool)
     key_mask[0, :3] = False

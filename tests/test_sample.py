@@ -20,10 +20,12 @@ from gptkit.tokenizer import CharTokenizer, load_bpe_vocab
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_model(vocab_size=96, block_size=48, std=0.5, seed=0):
-    """A tiny random GPT with large weights, so greedy choices are rarely near-ties."""
+def tiny_model(vocab_size=96, block_size=48, std=0.5, seed=0, **kw):
+    """A tiny random GPT (or, with kw, another 2-layer shape) with large weights, so greedy choices
+    are rarely near-ties."""
     torch.manual_seed(seed)
-    m = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32))
+    m = GPT(GPTConfig(**{"block_size": block_size, "vocab_size": vocab_size, "n_layer": 2, "n_head": 2,
+                         "n_embd": 32, **kw}))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, std)

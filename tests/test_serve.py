@@ -7,13 +7,12 @@ import json
 import socket
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import pytest
 import torch
 
-from conftest import data_file
+from conftest import data_file, post_json
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -55,16 +54,7 @@ def client(server):
 
 def http(server, method, path, body=None, key=KEY):
     """(status, parsed JSON) of a raw request, for what the openai client cannot send."""
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(server.url + path, body, key=key, method=method)
 
 
 def greedy_reference(model, tok, prompt: str, n: int) -> str:

@@ -7,14 +7,13 @@ same random GPT2LMHeadModel by full recompute, cut at the template's end of turn
 import json
 import subprocess
 import sys
-import urllib.error
 import urllib.request
 
 import pytest
 import torch
 
 import hf_tokenizers as H
-from conftest import data_file
+from conftest import data_file, post_json
 
 pytest.importorskip("fastapi")
 pytest.importorskip("jinja2")
@@ -57,13 +56,7 @@ def client(server):
 
 
 def post(server, path, body):
-    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(server.url + path, body)
 
 
 def reference_reply(hf, messages, n: int) -> tuple[str, int, bool]:

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import data_file
+from test_serve import tiny  # noqa: F401 (the fixture: checkpoint, model, tokenizer)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -24,22 +24,6 @@ openai = pytest.importorskip("openai")
 
 KEY = "test-key"
 NAME = "tiny-gpt"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(checkpoint directory, model, tokenizer): a random 2-layer, 32-wide GPT-2 with the 50257-token vocab."""
-    data_file("gpt2.tiktoken")
-    from gptkit.checkpoint import save_checkpoint
-    from gptkit.config import GPTConfig
-    from gptkit.model import GPT
-    from gptkit.serve import load_for_serving
-
-    torch.manual_seed(0)
-    cfg = GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("serve") / "run", 0, GPT(cfg), {"model_config": cfg.to_dict()})
-    model, tok, _ = load_for_serving(str(ckpt), device="cpu")
-    return ckpt, model, tok
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ The reference is transformers: a random GPT2LMHeadModel saved with save_pretrain
 logprobs the server reports."""
 
 import json
-import urllib.error
 import urllib.request
 
 import pytest
 import torch
 
-from conftest import data_file
+from conftest import data_file, post_json
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -49,13 +48,7 @@ def client(server):
 
 
 def post(server, path, body):
-    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(server.url + path, body)
 
 
 def reference_logprobs(ref, ids):

@@ -3,13 +3,11 @@ held-back question of the same pattern. Slow: a 50257-token vocabulary makes eve
 
 import json
 import random
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 
-from conftest import data_file
+from conftest import data_file, post_json
 
 WORDS = ["apple", "tree", "river", "stone", "cloud", "green", "music", "paper", "light", "water", "house", "night"]
 
@@ -20,13 +18,7 @@ def _conv(a: str, b: str, answer: bool = True) -> list[dict]:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+    return post_json(url, body, timeout=60)
 
 
 @pytest.mark.slow
