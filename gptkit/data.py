@@ -1,7 +1,9 @@
 """Token shards in llm.c's layout, and a seeded, resumable batch loader over them.
 
-Shard layout (llm.c dev/data/data_common.py): 256 little-endian int32 header
-[20240520, 1, ntok, 0, ...] then ntok uint16 tokens; file size = 1024 + 2*ntok.
+Shard layouts (llm.c dev/data/data_common.py): 256 little-endian int32 header
+[20240520, 1, ntok, 0, ...] then ntok uint16 tokens, file size = 1024 + 2*ntok (GPT-2's); or, for
+vocabularies over 65,536 tokens (Llama 3's 128,256), [20240801, 7, ntok, 0, ...] then ntok uint32
+tokens, file size = 1024 + 4*ntok.
 A split is `train.bin` or `train_000000.bin, train_000001.bin, ...` (likewise `val`).
 
 The loader memory-maps every shard of a split. In `random` mode batch i is a pure function of
@@ -21,16 +23,25 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.formats.llmc import (HEADER_BYTES, HEADER_INTS, MAX_SHARD_TOKEN, SHARD_MAGIC, SHARD_VERSION,
-                                 read_header_bytes)
+from gptkit.formats.llmc import (HEADER_BYTES, HEADER_INTS, MAX_SHARD32_TOKEN, MAX_SHARD_TOKEN, SHARD32_MAGIC,
+                                 SHARD_LAYOUTS, SHARD_MAGIC, read_header_bytes)
+
+
+def shard_magic(vocab_size: int) -> int:
+    """The shard layout for a vocabulary: uint16 ids (GPT-2's) when every id fits, else uint32."""
+    return SHARD_MAGIC if vocab_size <= MAX_SHARD_TOKEN + 1 else SHARD32_MAGIC
 
 
 class ShardWriter:
     """Write an llm.c shard piece by piece in bounded memory: a placeholder header, the tokens,
-    then the real header; the file appears under its name only when closed (atomic rename)."""
+    then the real header; the file appears under its name only when closed (atomic rename).
+    `vocab_size` picks the layout: uint16 ids up to 65,536 tokens, uint32 above."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, vocab_size: int = MAX_SHARD_TOKEN + 1):
         self.path = Path(path)
+        self.magic = shard_magic(vocab_size)
+        self.version, self.dtype = SHARD_LAYOUTS[self.magic]
+        self.max_id = MAX_SHARD_TOKEN if self.magic == SHARD_MAGIC else MAX_SHARD32_TOKEN
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.f = open(self.tmp, "wb")
         self.f.write(bytes(HEADER_BYTES))
@@ -38,16 +49,17 @@ class ShardWriter:
 
     def write(self, tokens) -> None:
         toks = np.asarray(tokens)
-        if toks.size and (toks.min() < 0 or toks.max() > MAX_SHARD_TOKEN):
+        if toks.size and (toks.min() < 0 or toks.max() > self.max_id):
             self.abort()
-            raise GptkitError(f"token ids must fit uint16, found range [{toks.min()}, {toks.max()}]", self.path,
-                              "vocabularies above 65,535 tokens are not supported by the shard format yet")
-        self.f.write(toks.astype("<u2", copy=False).tobytes())
+            raise GptkitError(f"token ids must be in [0, {self.max_id}], found range [{toks.min()}, {toks.max()}]",
+                              self.path, "give the writer the vocabulary size: above 65,536 tokens the shard "
+                              "holds uint32 ids")
+        self.f.write(toks.astype(self.dtype, copy=False).tobytes())
         self.ntok += int(toks.size)
 
     def close(self) -> Path:
         header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = (SHARD_MAGIC, SHARD_VERSION, self.ntok)
+        header[:3] = (self.magic, self.version, self.ntok)
         self.f.seek(0)
         self.f.write(header.tobytes())
         self.f.close()
@@ -59,40 +71,48 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_shard(path: str | Path, tokens) -> None:
-    """Write tokens (any int array-like, every id < 65536) as an llm.c shard."""
-    w = ShardWriter(path)
-    w.write(tokens)
+def write_shard(path: str | Path, tokens, vocab_size: int | None = None) -> None:
+    """Write tokens (any int array-like) as an llm.c shard: uint16 ids if the vocabulary (by default:
+    the largest id + 1) has at most 65,536 tokens, else uint32."""
+    toks = np.asarray(tokens)
+    w = ShardWriter(path, vocab_size if vocab_size is not None else int(toks.max(initial=0)) + 1)
+    w.write(toks)
     w.close()
 
 
-def read_header(path: str | Path) -> int:
-    """Check a shard's header and size; return its token count."""
+def shard_header(path: str | Path) -> tuple[int, str]:
+    """Check a shard's header and size; return its token count and token dtype ("<u2" or "<u4")."""
     path = Path(path)
     raw, size = read_header_bytes(path, "shard")
     if len(raw) < HEADER_BYTES:
         raise GptkitError(f"shard is truncated: {size} bytes, the header alone is {HEADER_BYTES}", path,
                           "re-run `gptkit prepare`")
     header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != SHARD_MAGIC:
-        raise GptkitError(f"bad magic {header[0]}, expected {SHARD_MAGIC}", path,
+    if int(header[0]) not in SHARD_LAYOUTS:
+        raise GptkitError(f"bad magic {header[0]}, expected {' or '.join(map(str, SHARD_LAYOUTS))}", path,
                           "not an llm.c token shard; re-run `gptkit prepare`")
-    if header[1] != SHARD_VERSION:
-        raise GptkitError(f"unsupported shard version {header[1]}, expected {SHARD_VERSION}", path,
+    version, dtype = SHARD_LAYOUTS[int(header[0])]
+    if header[1] != version:
+        raise GptkitError(f"unsupported shard version {header[1]} for magic {header[0]}, expected {version}", path,
                           "re-run `gptkit prepare`")
-    ntok = int(header[2])
-    if size != HEADER_BYTES + 2 * ntok:
-        raise GptkitError(f"size mismatch: header says {ntok} tokens ({HEADER_BYTES + 2 * ntok} bytes), "
+    ntok, width = int(header[2]), np.dtype(dtype).itemsize
+    if size != HEADER_BYTES + width * ntok:
+        raise GptkitError(f"size mismatch: header says {ntok} tokens ({HEADER_BYTES + width * ntok} bytes), "
                           f"file has {size} bytes", path, "the shard is truncated or damaged; re-run `gptkit prepare`")
-    return ntok
+    return ntok, dtype
+
+
+def read_header(path: str | Path) -> int:
+    """Check a shard's header and size; return its token count."""
+    return shard_header(path)[0]
 
 
 def read_shard(path: str | Path) -> np.ndarray:
-    """The tokens of a shard as a read-only uint16 memory map."""
-    ntok = read_header(path)
+    """The tokens of a shard as a read-only memory map (uint16 or uint32, as the shard holds them)."""
+    ntok, dtype = shard_header(path)
     if ntok == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
 def split_files(data_dir: str | Path, split: str) -> list[Path]:

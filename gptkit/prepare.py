@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from gptkit.data import MAX_SHARD_TOKEN, ShardWriter
+from gptkit.data import ShardWriter
 from gptkit.errors import GptkitError, make_dir
 from gptkit.paths import cache_dir, data_file
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer, hf_document_ids, load_vocab, save_tokenizer
@@ -168,16 +168,16 @@ def text_documents(path: Path) -> list[Path]:
 
 
 class _Spool:
-    """All tokens of a corpus, appended to a raw uint16 file beside the output (bounded memory)."""
+    """All tokens of a corpus, appended to a raw uint32 file beside the output (bounded memory)."""
 
     def __init__(self, out: Path):
-        fd, name = tempfile.mkstemp(prefix=".tokens.", suffix=".u16", dir=out)
+        fd, name = tempfile.mkstemp(prefix=".tokens.", suffix=".u32", dir=out)
         self.path = Path(name)
         self.f = os.fdopen(fd, "w+b")
         self.n = 0
 
     def append(self, ids) -> None:
-        a = np.asarray(ids, dtype=np.uint16)
+        a = np.asarray(ids, dtype=np.uint32)
         self.f.write(a.tobytes())
         self.n += a.size
 
@@ -205,21 +205,22 @@ class _SpoolView:
             raise TypeError("only contiguous slices")
         lo, hi, _ = sl.indices(len(self))
         if hi <= lo:
-            return np.zeros(0, dtype=np.uint16)
+            return np.zeros(0, dtype=np.uint32)
         f = self.spool.f
-        f.seek(2 * (self.start + lo))
-        return np.frombuffer(f.read(2 * (hi - lo)), dtype=np.uint16)
+        f.seek(4 * (self.start + lo))
+        return np.frombuffer(f.read(4 * (hi - lo)), dtype=np.uint32)
 
 
-def write_split(out: Path, split: str, tokens: np.ndarray, shard_size: int) -> list[Path]:
-    """Write a split as one file, or numbered shards of shard_size tokens when it is larger."""
+def write_split(out: Path, split: str, tokens: np.ndarray, shard_size: int, vocab_size: int) -> list[Path]:
+    """Write a split as one file, or numbered shards of shard_size tokens when it is larger (uint16
+    ids for vocabularies up to 65,536 tokens, uint32 above)."""
     for old in list(out.glob(f"{split}.bin")) + list(out.glob(f"{split}_*.bin")):
         old.unlink()
     n = len(tokens)
     names = [f"{split}.bin"] if n <= shard_size else [f"{split}_{i:06d}.bin" for i in range((n - 1) // shard_size + 1)]
     paths = []
     for i, name in enumerate(names):
-        w = ShardWriter(out / name)
+        w = ShardWriter(out / name, vocab_size)
         lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
         for s in range(lo, hi, COPY_TOKENS):
             w.write(tokens[s:min(hi, s + COPY_TOKENS)])
@@ -284,11 +285,6 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
     try:
         if kind == "char":
             chars = _char_vocab(docs, bar)  # first pass: the vocabulary
-            if len(chars) > MAX_SHARD_TOKEN:
-                raise GptkitError(f"the text has {len(chars):,} distinct characters; shards hold token ids up to "
-                                  f"{MAX_SHARD_TOKEN:,}", src_path,
-                                  "vocabularies above 65,535 need uint32 shards, which are not supported yet; "
-                                  "use --tokenizer gpt2")
             tok = CharTokenizer(chars)
             codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted, so id = rank
             for p in docs:
@@ -298,9 +294,6 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
             meta.update(vocab_size=tok.vocab_size, chars=tok.chars)
         else:
             tok = hf_tok or gpt2_tokenizer(vocab)
-            if tok.vocab_size > MAX_SHARD_TOKEN:
-                raise GptkitError(f"vocabulary of {tok.vocab_size:,} tokens exceeds the uint16 shards' 65,535",
-                                  "--vocab", "uint32 shards are not supported yet")
             if llmc_shakespeare:
                 text = read_text(src_path)  # 1 MB: llm.c's recipe, section by section
                 bar.update(len(text.encode("utf-8")))
@@ -335,8 +328,8 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
             raise GptkitError(f"text too short: {n} tokens give {len(train)} train and {len(val)} val",
                               src_path, "give more text")
         meta.update(train_tokens=len(train), val_tokens=len(val))
-        meta["train_files"] = [p.name for p in write_split(out, "train", train, shard_size)]
-        meta["val_files"] = [p.name for p in write_split(out, "val", val, shard_size)]
+        meta["train_files"] = [p.name for p in write_split(out, "train", train, shard_size, meta["vocab_size"])]
+        meta["val_files"] = [p.name for p in write_split(out, "val", val, shard_size, meta["vocab_size"])]
     finally:
         bar.close()
         spool.remove()

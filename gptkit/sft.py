@@ -254,7 +254,7 @@ def prepare_chat(file: str | Path, model: str, out: str | Path, block_size: int 
     make_dir(out, "--out")
     ids_arr, mask_arr = np.array(rows_ids, dtype=np.int64), np.array(rows_mask, dtype=np.int64)
     for split, sl in (("train", slice(0, len(rows_ids) - n_val)), ("val", slice(len(rows_ids) - n_val, None))):
-        write_shard(out / f"{split}.bin", ids_arr[sl].reshape(-1))
+        write_shard(out / f"{split}.bin", ids_arr[sl].reshape(-1), loaded.model.config.vocab_size)
         write_shard(out / f"{split}_mask.bin", mask_arr[sl].reshape(-1))
     (out / TEMPLATE_FILE).write_text(template, encoding="utf-8")
     meta = {"format": "chat", "tokenizer": getattr(tok, "kind", "gpt2"), "vocab_size": loaded.model.config.vocab_size,

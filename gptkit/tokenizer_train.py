@@ -78,9 +78,6 @@ def train_tokenizer(sources: list[str | Path], vocab_size: int, out: str | Path,
     if vocab_size < least:
         raise GptkitError(f"vocab size {vocab_size} is below the {N_BYTES} bytes + {len(SPECIALS)} special token",
                           "--vocab-size", f"give at least {least}")
-    if vocab_size > 65535:
-        raise GptkitError(f"vocab size {vocab_size} exceeds the uint16 token shards' 65,535", "--vocab-size",
-                          "give at most 65535")
     files = text_files(sources)
     total = sum(f.stat().st_size for f in files)
     if total == 0:

@@ -12,21 +12,22 @@ from gptkit.data import (ShardWriter, SplitTokens, TokenLoader, count_eval_batch
 from gptkit.errors import GptkitError
 
 
-def llmc_bytes(tokens) -> bytes:
-    """llm.c's shard layout written by hand from INTERFACES.md, independent of gptkit.data."""
+def llmc_bytes(tokens, wide: bool = False) -> bytes:
+    """llm.c's shard layout written by hand from INTERFACES.md (GPT-2's uint16 shard) or llm.c's
+    dev/data/data_common.py (Llama 3's uint32 shard, wide=True), independent of gptkit.data."""
     header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, len(tokens))
-    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+    header[:3] = (20240801, 7, len(tokens)) if wide else (20240520, 1, len(tokens))
+    return header.tobytes() + np.asarray(tokens, dtype="<u4" if wide else "<u2").tobytes()
 
 
 def make_split(d, split, sizes, seed=0, vocab=50257):
-    """Shards of random tokens; returns the whole split's tokens."""
+    """Shards of random tokens (uint32 ones for vocab > 65,536); returns the whole split's tokens."""
     rng = np.random.default_rng(seed)
     all_toks = []
     for i, n in enumerate(sizes):
         t = rng.integers(0, vocab, n)
         name = f"{split}.bin" if len(sizes) == 1 else f"{split}_{i:06d}.bin"
-        (d / name).write_bytes(llmc_bytes(t))
+        (d / name).write_bytes(llmc_bytes(t, wide=vocab > 65536))
         all_toks.append(t)
     return np.concatenate(all_toks)
 
@@ -46,11 +47,30 @@ def test_shard_roundtrip_matches_llmc_layout(tmp_path):
     assert len(read_shard(tmp_path / "e.bin")) == 0 and (tmp_path / "e.bin").stat().st_size == 1024
 
 
-def test_shard_refuses_ids_beyond_uint16(tmp_path):
+def test_wide_shard_roundtrip_matches_llmc_llama3_layout(tmp_path):
+    toks = np.array([0, 65535, 65536, 128255, 7], dtype=np.int64)  # Llama 3's vocabulary: 128,256 ids
+    write_shard(tmp_path / "a.bin", toks)  # the largest id picks the layout
+    assert (tmp_path / "a.bin").read_bytes() == llmc_bytes(toks, wide=True)
+    assert read_header(tmp_path / "a.bin") == 5 and read_shard(tmp_path / "a.bin").tolist() == toks.tolist()
+    w = ShardWriter(tmp_path / "b.bin", vocab_size=128256)  # a dataset's shards all take its vocabulary's layout
+    w.write([1, 2])
+    w.close()
+    assert (tmp_path / "b.bin").read_bytes() == llmc_bytes([1, 2], wide=True)
+    write_shard(tmp_path / "c.bin", [1, 2], vocab_size=65536)  # every id fits uint16
+    assert (tmp_path / "c.bin").read_bytes() == llmc_bytes([1, 2])
+
+
+def test_shard_refuses_ids_beyond_its_layout(tmp_path):
     for bad in ([65536], [-1]):
-        with pytest.raises(GptkitError, match="uint16"):
-            write_shard(tmp_path / "x.bin", bad)
+        w = ShardWriter(tmp_path / "x.bin")  # uint16 unless told the vocabulary is larger
+        with pytest.raises(GptkitError, match=r"\[0, 65535\]"):
+            w.write(bad)
         assert not list(tmp_path.glob("x.bin*"))
+    with pytest.raises(GptkitError, match="found range"):
+        write_shard(tmp_path / "x.bin", [3, -1])
+    with pytest.raises(GptkitError, match="4294967295"):
+        write_shard(tmp_path / "x.bin", [2 ** 32], vocab_size=2 ** 33)
+    assert not list(tmp_path.glob("x.bin*"))
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -59,7 +79,10 @@ def test_shard_refuses_ids_beyond_uint16(tmp_path):
     (lambda b: (1).to_bytes(4, "little") + b[4:], "bad magic"),
     (lambda b: b[:4] + (7).to_bytes(4, "little") + b[8:], "version"),
     (lambda b: b + b"\0\0", "size mismatch"),
-], ids=["short-header", "truncated-tokens", "magic", "version", "oversized"])
+    (lambda b: (20240801).to_bytes(4, "little") + b[4:], "version 1 for magic 20240801"),
+    (lambda b: (20240801).to_bytes(4, "little") + (7).to_bytes(4, "little") + b[8:], "size mismatch"),
+], ids=["short-header", "truncated-tokens", "magic", "version", "oversized", "llama3-magic-gpt2-version",
+        "uint16-body-under-uint32-header"])
 def test_damaged_shards_are_user_errors(tmp_path, damage, message):
     p = tmp_path / "train.bin"
     p.write_bytes(damage(llmc_bytes(range(100))))
@@ -206,8 +229,20 @@ def test_loader_errors(tmp_path):
         TokenLoader(d, "train", 2, 8, vocab_size=65)
 
 
-def test_eval_windows_predict_every_token_once_across_shards(tmp_path):
-    toks = make_split(tmp_path, "val", [37, 20, 50])
+def test_loaders_read_uint32_shards(tmp_path):
+    """Llama 3's vocabulary: ids past 65,535 come back whole (not wrapped to 16 bits)."""
+    toks = make_split(tmp_path, "train", [100], vocab=128256, seed=3)
+    assert toks.max() > 65535
+    x, y = TokenLoader(tmp_path, "train", 3, 8, mode="sequential", vocab_size=128256).next_batch()
+    assert x.reshape(-1).tolist() == toks[:24].tolist() and y.reshape(-1).tolist() == toks[1:25].tolist()
+    x, y = TokenLoader(tmp_path, "train", 4, 16, seed=1).next_batch()  # random rows: windows of the shard
+    text = ",".join(map(str, toks.tolist()))
+    assert all(",".join(map(str, r)) in text for r in torch.cat([x, y[:, -1:]], 1).tolist())
+
+
+@pytest.mark.parametrize("vocab", [50257, 128256])
+def test_eval_windows_predict_every_token_once_across_shards(tmp_path, vocab):
+    toks = make_split(tmp_path, "val", [37, 20, 50], vocab=vocab)
     assert len(SplitTokens(tmp_path, "val")) == 107
     assert SplitTokens(tmp_path, "val")[30:60].tolist() == toks[30:60].tolist()
     for T, B in ((8, 3), (16, 1), (106, 2), (200, 4)):

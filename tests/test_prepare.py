@@ -24,12 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_llmc(path: Path) -> np.ndarray:
+    """A shard in llm.c's GPT-2 layout (uint16) or its Llama 3 layout (uint32), read by hand."""
     raw = path.read_bytes()
     header = np.frombuffer(raw[:1024], dtype="<i4")
-    assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
-    ntok = int(header[2])
-    assert len(raw) == 1024 + 2 * ntok
-    return np.frombuffer(raw[1024:], dtype="<u2").astype(np.int64)
+    assert (header[0], header[1]) in ((20240520, 1), (20240801, 7)) and not header[3:].any()
+    ntok, width = int(header[2]), 2 if header[0] == 20240520 else 4
+    assert len(raw) == 1024 + width * ntok
+    return np.frombuffer(raw[1024:], dtype=f"<u{width}").astype(np.int64)
 
 
 def split_tokens(d: Path, split: str) -> np.ndarray:
@@ -220,7 +221,7 @@ def test_shard_size_splits_and_reprepare_replaces(tmp_path, gpt2_vocab_path):
     assert np.array_equal(np.concatenate([read_llmc(o / "train.bin"), read_llmc(o / "val.bin")]), sharded)
 
 
-def test_char_tokenizer_on_any_text_and_uint16_limit(tmp_path, capsys):
+def test_char_tokenizer_on_any_text_and_uint32_shards(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("abcab ✓ é\n" * 30, encoding="utf-8")
     out = prep.prepare(str(src), tokenizer="char", out=tmp_path / "o", progress=False)
@@ -229,14 +230,17 @@ def test_char_tokenizer_on_any_text_and_uint16_limit(tmp_path, capsys):
     assert meta["chars"] == chars and meta["vocab_size"] == len(chars)
     got = np.concatenate([read_llmc(out / "train.bin"), read_llmc(out / "val.bin")])
     assert "".join(chars[i] for i in got) == src.read_text(encoding="utf-8")
-    # more distinct characters than uint16 shards can index
+    assert (out / "train.bin").read_bytes()[:4] == (20240520).to_bytes(4, "little")  # a small vocabulary: uint16
+    # more distinct characters than uint16 ids can index: llm.c's uint32 (Llama 3) layout
     big = tmp_path / "big.txt"
-    big.write_text("".join(chr(c) for c in range(0x4E00, 0x4E00 + 70_000) if not 0xD800 <= c < 0xE000),
-                   encoding="utf-8")
-    assert main(["prepare", str(big), "--tokenizer", "char", "--out", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "65,535" in err and "\n" not in err
-    assert not (tmp_path / "b" / "train.bin").exists()
+    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70_000) if not 0xD800 <= c < 0xE000) * 2
+    big.write_text(text, encoding="utf-8")
+    assert main(["prepare", str(big), "--tokenizer", "char", "--out", str(tmp_path / "b")]) == 0
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["vocab_size"] == len(set(text)) > 65536
+    got = np.concatenate([read_llmc(tmp_path / "b" / "train.bin"), read_llmc(tmp_path / "b" / "val.bin")])
+    assert got.max() > 65535 and "".join(meta["chars"][i] for i in got) == text
+    assert (tmp_path / "b" / "val.bin").read_bytes()[:4] == (20240801).to_bytes(4, "little")
 
 
 @pytest.mark.parametrize("name,content,message", [

@@ -9,8 +9,10 @@ its C/CUDA trainers and `test_gpt2` read:
   wte has Vp rows, the padding rows zero. Size = 1024 + params * dtype size.
 - tokenizer (magic 20240328): version 1 (EOT implied 50256) or 2 (slot 3 = EOT id); slot 2 = the
   number of tokens. Body: for each id, a uint8 length then that many bytes.
-- token shard (magic 20240520, version 1; llm.c dev/data/data_common.py): slot 2 = the number of
-  tokens. Body: the tokens as uint16; size = 1024 + 2 * ntok. Written and read by gptkit/data.py.
+- token shard (llm.c dev/data/data_common.py): slot 2 = the number of tokens. GPT-2's layout
+  (magic 20240520, version 1): the tokens as uint16, size = 1024 + 2 * ntok; Llama 3's (magic
+  20240801, version 7), for vocabularies over 65,536: uint32, size = 1024 + 4 * ntok. Written and
+  read by gptkit/data.py.
 - debug state (magic 20240327, version 2): slots 2, 3 = B, T. Body: x, y (int32 B*T), logits
   (fp32 B*T*V over the unpadded V), loss (fp32), then the gradients as fp32 in MODEL_ORDER with
   wte's padded to Vp. The file does not carry the model's shape: reading it needs the config.
@@ -35,8 +37,11 @@ MODEL_MAGIC, TOKENIZER_MAGIC, STATE_MAGIC = 20240326, 20240328, 20240327
 MODEL_VERSIONS = {3: torch.float32, 5: torch.bfloat16}
 TOKENIZER_VERSIONS = (1, 2)
 STATE_VERSION = 2
-SHARD_MAGIC, SHARD_VERSION = 20240520, 1
-MAX_SHARD_TOKEN = 65535  # shards hold uint16 token ids
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # uint16 token ids (llm.c's "gpt-2" shards)
+SHARD32_MAGIC, SHARD32_VERSION = 20240801, 7  # uint32 token ids (llm.c's "llama-3" shards)
+SHARD_LAYOUTS = {SHARD_MAGIC: (SHARD_VERSION, "<u2"), SHARD32_MAGIC: (SHARD32_VERSION, "<u4")}
+MAX_SHARD_TOKEN = 65535  # the largest id of a uint16 shard; larger vocabularies get uint32 shards
+MAX_SHARD32_TOKEN = 2 ** 32 - 1
 
 # llm.c's parameter order: (short name, gptkit name with {i} for per-layer tensors)
 MODEL_ORDER = (
