@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gptkit.quantize import screen_size
 from gptkit.sample import presence_frequency_penalty, repetition_penalty, sample_from_logits, sample_unfiltered
 
 if TYPE_CHECKING:  # the engine's types, for annotations only (gptkit.generate imports this module)
@@ -40,8 +41,8 @@ class BatchSampler:
         V = self.V
         if any(reshapes_logits(r.params) for r in rows):
             return None
-        k = max(1 if r.params.temperature == 0 else (min(r.params.top_k, V) if r.params.top_k else V) for r in rows)
-        return k if k < V else None
+        ks = [screen_size(r.params.temperature, r.params.top_k, V) for r in rows]
+        return None if None in ks else max(ks)
 
     def _build(self, rows: list[_Row]) -> None:
         self.rows = list(rows)

@@ -225,6 +225,14 @@ def prefill_kernels(model: nn.Module) -> Iterator[None]:
             m.prefill = False
 
 
+def screen_size(temperature: float, top_k: int | None, vocab_size: int) -> int | None:
+    """How many of the largest logits a draw can use, for `only_top_k_logits`: 1 when greedy, k
+    under top-k sampling, None (all) otherwise."""
+    if temperature == 0:
+        return 1
+    return top_k if top_k and top_k < vocab_size else None
+
+
 @contextmanager
 def only_top_k_logits(model: nn.Module, k: int | None) -> Iterator[None]:
     """Within the block, the model's forward needs only its k largest logits exactly (the rest may

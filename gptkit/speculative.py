@@ -26,7 +26,7 @@ import torch
 
 from gptkit.errors import GptkitError
 from gptkit.model import GPT, KVCache
-from gptkit.quantize import only_top_k_logits
+from gptkit.quantize import only_top_k_logits, screen_size
 from gptkit.sample import top_k_filter, top_p_filter
 
 
@@ -125,7 +125,7 @@ class ModelDrafter:
         drafts, qs = [], []
         seq = list(tokens)
         temperature, top_k = sampling[0], sampling[1]
-        screen = 1 if temperature == 0 else (top_k if top_k and top_k < self.model.config.vocab_size else None)
+        screen = screen_size(temperature, top_k, self.model.config.vocab_size)
         for _ in range(k):
             idx = torch.tensor([seq[self.cache.pos:]], device=self.device)
             with only_top_k_logits(self.model, screen):  # q needs only the logits that survive top-k
@@ -184,7 +184,7 @@ def speculative_generate(model: GPT, prompt: Sequence[int], drafter, max_new_tok
         model(torch.tensor([seq[:-1]], device=device), cache=cache, last_only=True)
         cache_pos_ok = len(seq) - 1
     # only the top logits matter for greedy (1) or top-k sampling (k): a screened head reads half the bytes
-    screen = 1 if greedy else (top_k if top_k and top_k < V else None)
+    screen = screen_size(temperature, top_k, V)
     out: list[int] = []
     while len(out) < max_new_tokens:
         if len(seq) >= cfg.block_size:  # past the context: plain decoding's sliding window, one token

@@ -403,7 +403,7 @@ def model_line(t: Trainer) -> str:
             f"vocab {m.vocab_size}, context {m.block_size}), weights from {weights}; device {t.device}, "
             f"{str(t.dtype)[6:]}{par}; {t.tokens_per_step:,} tokens/step; {t.attention} attention; "
             f"{'bf16 weights + fp32 master' if t.shadow else 'fp32 weights'}; "
-            f"{'Muon + AdamW' if optimizer_kind(t.cfg, t.fsdp) == 'muon' else 'AdamW'}; "
+            f"{'Muon + AdamW' if cfg.optimizer == 'muon' else 'AdamW'}; "
             f"{t.threads} thread{'s' if t.threads != 1 else ''}; run dir {t.run_dir}")
 
 
