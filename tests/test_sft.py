@@ -179,3 +179,25 @@ def test_a_run_that_carries_a_template_serves_with_it(tmp_path, gpt2_vocab_path)
     assert tok.chat_template.source == DEFAULT_CHAT_TEMPLATE
     want, _ = render(DEFAULT_CHAT_TEMPLATE, CONVS[0][:1], add_generation_prompt=True, eos_token="<|endoftext|>")
     assert tok.chat_template.render(CONVS[0][:1], add_generation_prompt=True) == want
+
+
+def test_prepare_chat_for_a_vocabulary_over_65536_writes_uint32_shards(tmp_path, gpt2_vocab_path):
+    """A model with Llama 3's kind of vocabulary (here 70,000 ids) gets llm.c's uint32 shard layout,
+    and the loader reads back the same rows as for a GPT-2-size vocabulary."""
+    from gptkit import GPT, GPTConfig
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.sft import prepare_chat
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": c}) for c in CONVS) + "\n")
+    rows = {}
+    for vocab in (50257, 70000):
+        cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=vocab)
+        save_checkpoint(tmp_path / f"m{vocab}", 0, GPT(cfg), {"model_config": cfg.to_dict()})
+        out = prepare_chat(f, str(tmp_path / f"m{vocab}"), tmp_path / f"d{vocab}", block_size=63, val_fraction=0.3,
+                           vocab=gpt2_vocab_path)
+        magic = int.from_bytes((out / "train.bin").read_bytes()[:4], "little")
+        assert magic == (20240520 if vocab == 50257 else 20240801)
+        data = ChatLoader(out, "train", 2, 63).data
+        rows[vocab] = (data.tokens.tolist(), data.mask.tolist())
+    assert rows[50257] == rows[70000]
