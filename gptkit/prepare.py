@@ -168,16 +168,26 @@ def text_documents(path: Path) -> list[Path]:
 
 
 class _Spool:
-    """All tokens of a corpus, appended to a raw uint32 file beside the output (bounded memory)."""
+    """All tokens of a corpus, appended to a raw file beside the output (bounded memory): uint16
+    ids, or uint32 once `for_vocab` was told of a vocabulary over 65,536 tokens."""
 
     def __init__(self, out: Path):
-        fd, name = tempfile.mkstemp(prefix=".tokens.", suffix=".u32", dir=out)
+        fd, name = tempfile.mkstemp(prefix=".tokens.", suffix=".ids", dir=out)
         self.path = Path(name)
         self.f = os.fdopen(fd, "w+b")
         self.n = 0
+        self.dtype = np.dtype(np.uint16)
+
+    def for_vocab(self, vocab_size: int) -> None:
+        """Before the first append: the ids of this vocabulary need uint32 if it has over 65,536."""
+        assert self.n == 0
+        self.dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
     def append(self, ids) -> None:
-        a = np.asarray(ids, dtype=np.uint32)
+        a = np.asarray(ids)
+        if a.size and int(a.max()) > np.iinfo(self.dtype).max:  # never wrap an id silently
+            raise ValueError(f"token id {int(a.max())} does not fit the spool's {self.dtype}: call for_vocab first")
+        a = a.astype(self.dtype, copy=False)
         self.f.write(a.tobytes())
         self.n += a.size
 
@@ -204,11 +214,12 @@ class _SpoolView:
         if not isinstance(sl, slice) or sl.step not in (None, 1):
             raise TypeError("only contiguous slices")
         lo, hi, _ = sl.indices(len(self))
+        dt = self.spool.dtype
         if hi <= lo:
-            return np.zeros(0, dtype=np.uint32)
+            return np.zeros(0, dtype=dt)
         f = self.spool.f
-        f.seek(4 * (self.start + lo))
-        return np.frombuffer(f.read(4 * (hi - lo)), dtype=np.uint32)
+        f.seek(dt.itemsize * (self.start + lo))
+        return np.frombuffer(f.read(dt.itemsize * (hi - lo)), dtype=dt)
 
 
 def write_split(out: Path, split: str, tokens: np.ndarray, shard_size: int, vocab_size: int) -> list[Path]:
@@ -286,6 +297,7 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
         if kind == "char":
             chars = _char_vocab(docs, bar)  # first pass: the vocabulary
             tok = CharTokenizer(chars)
+            spool.for_vocab(tok.vocab_size)
             codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted, so id = rank
             for p in docs:
                 for text in iter_text(p, progress=bar):
@@ -294,6 +306,7 @@ def prepare(source: str, tokenizer: str | None = None, input: str | Path | None 
             meta.update(vocab_size=tok.vocab_size, chars=tok.chars)
         else:
             tok = hf_tok or gpt2_tokenizer(vocab)
+            spool.for_vocab(tok.vocab_size)
             if llmc_shakespeare:
                 text = read_text(src_path)  # 1 MB: llm.c's recipe, section by section
                 bar.update(len(text.encode("utf-8")))
