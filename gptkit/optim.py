@@ -160,7 +160,7 @@ class TimeBudget:
     def reserve(self) -> float:
         """Seconds kept for the final eval, checkpoint, sample and exit."""
         per_tok = self.eval_s_per_tok or (self.train_s_per_tok or 0.0) / 2.0
-        return 1.2 * (per_tok * self.val_tokens + self.tasks_s) + 0.5
+        return 1.2 * (per_tok * self.val_tokens + self.tasks_s) + 0.8
 
     def tick(self, step: int, warmup_steps: int, tokens_per_step: int) -> None:
         now = time.time()
