@@ -60,6 +60,9 @@ def iter_corpus(files: list[Path], progress=None) -> Iterator[str]:
         yield from bpe_pieces(iter_text(f, progress=progress))
 
 
+MAX_VOCAB = 1 << 20  # vocabularies above uint16 are written as uint32 shards; this bounds the trainer's memory
+
+
 def build_trainer_tokenizer():
     """An empty byte-level BPE laid out as GPT-2's (pre-tokeniser, decoder, post-processor)."""
     tk = Tokenizer(models.BPE())
@@ -78,6 +81,9 @@ def train_tokenizer(sources: list[str | Path], vocab_size: int, out: str | Path,
     if vocab_size < least:
         raise GptkitError(f"vocab size {vocab_size} is below the {N_BYTES} bytes + {len(SPECIALS)} special token",
                           "--vocab-size", f"give at least {least}")
+    if vocab_size > MAX_VOCAB:  # the BPE trainer allocates per token up front: an absurd size aborts the process
+        raise GptkitError(f"vocab size {vocab_size:,} is above {MAX_VOCAB:,}", "--vocab-size",
+                          f"give at most {MAX_VOCAB} (Llama 3 has 128,256 tokens, Gemma 256,000)")
     files = text_files(sources)
     total = sum(f.stat().st_size for f in files)
     if total == 0:

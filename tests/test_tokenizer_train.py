@@ -79,6 +79,12 @@ def test_vocab_size_below_bytes_plus_specials_is_an_error_line(corpus, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: vocab size 256 is below") and "--vocab-size" in err and "257" in err
     assert not (tmp_path / "tokenizer.json").exists()
+    # an absurd size is refused before the trainer allocates for it (it aborted the process)
+    assert main(["tokenizer", "train", str(corpus / "a.txt"), "--vocab-size", "99999999999", "--out",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: vocab size 99,999,999,999 is above 1,048,576") and "\n" not in err
+    assert not (tmp_path / "tokenizer.json").exists()
 
 
 def test_training_streams_the_text_in_bounded_pieces(tmp_path):
