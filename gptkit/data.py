@@ -23,13 +23,18 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.formats.llmc import (HEADER_BYTES, HEADER_INTS, MAX_SHARD32_TOKEN, MAX_SHARD_TOKEN, SHARD32_MAGIC,
-                                 SHARD_LAYOUTS, SHARD_MAGIC, read_header_bytes)
+from gptkit.formats.llmc import (HEADER_BYTES, HEADER_INTS, MAX_SHARD_TOKEN, SHARD32_MAGIC, SHARD_LAYOUTS,
+                                 SHARD_MAGIC, read_header_bytes)
 
 
 def shard_magic(vocab_size: int) -> int:
     """The shard layout for a vocabulary: uint16 ids (GPT-2's) when every id fits, else uint32."""
     return SHARD_MAGIC if vocab_size <= MAX_SHARD_TOKEN + 1 else SHARD32_MAGIC
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """The token dtype of that layout: little-endian uint16 or uint32."""
+    return np.dtype(SHARD_LAYOUTS[shard_magic(vocab_size)][1])
 
 
 class ShardWriter:
@@ -41,7 +46,7 @@ class ShardWriter:
         self.path = Path(path)
         self.magic = shard_magic(vocab_size)
         self.version, self.dtype = SHARD_LAYOUTS[self.magic]
-        self.max_id = MAX_SHARD_TOKEN if self.magic == SHARD_MAGIC else MAX_SHARD32_TOKEN
+        self.max_id = int(np.iinfo(np.dtype(self.dtype)).max)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.f = open(self.tmp, "wb")
         self.f.write(bytes(HEADER_BYTES))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from gptkit.data import ShardWriter
+from gptkit.data import ShardWriter, shard_dtype
 from gptkit.errors import GptkitError, make_dir
 from gptkit.paths import cache_dir, data_file
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer, hf_document_ids, load_vocab, save_tokenizer
@@ -176,12 +176,12 @@ class _Spool:
         self.path = Path(name)
         self.f = os.fdopen(fd, "w+b")
         self.n = 0
-        self.dtype = np.dtype(np.uint16)
+        self.dtype = shard_dtype(0)
 
     def for_vocab(self, vocab_size: int) -> None:
         """Before the first append: the ids of this vocabulary need uint32 if it has over 65,536."""
         assert self.n == 0
-        self.dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+        self.dtype = shard_dtype(vocab_size)  # the shards' own width, so no id can wrap on the way
 
     def append(self, ids) -> None:
         a = np.asarray(ids)

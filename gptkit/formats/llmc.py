@@ -41,7 +41,6 @@ SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # uint16 token ids (llm.c's "gpt-2" sh
 SHARD32_MAGIC, SHARD32_VERSION = 20240801, 7  # uint32 token ids (llm.c's "llama-3" shards)
 SHARD_LAYOUTS = {SHARD_MAGIC: (SHARD_VERSION, "<u2"), SHARD32_MAGIC: (SHARD32_VERSION, "<u4")}
 MAX_SHARD_TOKEN = 65535  # the largest id of a uint16 shard; larger vocabularies get uint32 shards
-MAX_SHARD32_TOKEN = 2 ** 32 - 1
 
 # llm.c's parameter order: (short name, gptkit name with {i} for per-layer tensors)
 MODEL_ORDER = (
