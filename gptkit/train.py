@@ -34,9 +34,9 @@ from gptkit.optim import TimeBudget, lr_at, make_optimizer, optimizer_kind, set_
 from gptkit.precision import ShadowWeights
 from gptkit.prepare import PRESETS, ensure_prepared
 from gptkit.runs import StopSignals, create_run_dir, find_resume_checkpoint, resolve_run_dir, save_due
-from gptkit.runtime import (autocast, bf16_weights, measure_peak_flops, pick_dtype, process_start_time,
-                            resolve_attention, setup_cuda_matmul, setup_distributed, setup_threads, synchronize,
-                            teardown_distributed)
+from gptkit.runtime import (autocast, bf16_weights, keep_freed_memory, measure_peak_flops, pick_dtype,
+                            process_start_time, resolve_attention, setup_cuda_matmul, setup_distributed,
+                            setup_threads, synchronize, teardown_distributed)
 from gptkit.inference import sample_text
 from gptkit.tasks import TrainTasks
 from gptkit.tokenizer import CharTokenizer, carry_tokenizer, gpt2_tokenizer, save_gpt2_vocab, tokenizer_from_data
@@ -65,6 +65,8 @@ class Trainer:
         if not self.dist.is_main:
             self.log = lambda *a, **k: None
         self.threads = setup_threads(cfg.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on the step's large buffers (runtime.keep_freed_memory)
         self.attention = resolve_attention(cfg.attention, self.device, cfg.block_size)
         setup_cuda_matmul()
         self.dtype = pick_dtype(cfg.dtype, self.device)

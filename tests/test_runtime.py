@@ -44,3 +44,71 @@ def test_proc_readers_fall_back_without_proc(monkeypatch):
     monkeypatch.delattr(runtime.os, "getloadavg")
     assert runtime._busy_cores(0.0) == 0.0
     runtime.synchronize(torch.device("cpu"))  # a no-op on the CPU
+
+
+# keep_freed_memory: what glibc does with a 64 MiB buffer, read from its own counters (mallinfo2), in
+# a fresh interpreter (the setting is process-wide). "mapped" counts mmapped blocks, "arena" the heap.
+_MALLOC_PROBE = r"""
+import ctypes, json, sys
+import torch
+from gptkit import runtime
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+applied = runtime.keep_freed_memory() if sys.argv[1] == "on" else False
+before = libc.mallinfo2()
+x = torch.ones(64 << 20, dtype=torch.uint8)
+during = libc.mallinfo2()
+del x
+after = libc.mallinfo2()
+print(json.dumps({"applied": applied, "mapped": during.hblkhd - before.hblkhd,
+                  "arena_kept": after.arena - before.arena}))
+"""
+
+
+def _malloc_probe(mode, env=None):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    run_env.update(env or {})
+    r = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True, env=run_env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.skipif(not runtime.sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
+def test_keep_freed_memory_serves_large_buffers_from_the_heap_and_keeps_them():
+    off = _malloc_probe("off")
+    assert off["mapped"] >= 64 << 20  # glibc's default: a fresh mmap, unmapped again on free
+    on = _malloc_probe("on")
+    assert on["applied"] is True
+    assert on["mapped"] == 0  # from the heap ...
+    assert on["arena_kept"] >= 64 << 20  # ... and still there after the free, for the next step to reuse
+
+
+def test_keep_freed_memory_leaves_a_users_own_malloc_settings_alone(monkeypatch):
+    # each returns before mallopt is called, so this process's malloc is untouched
+    for name, value in (("MALLOC_TRIM_THRESHOLD_", "131072"), ("MALLOC_MMAP_MAX_", "65536"),
+                        ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=1"), ("LD_PRELOAD", "libjemalloc.so.2")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert runtime.keep_freed_memory() is False, name
+
+
+def test_the_trainer_keeps_freed_memory_on_a_cpu(monkeypatch):
+    from gptkit import train as train_mod
+    from gptkit.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(train_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    train_mod.Trainer(TrainConfig(device="cpu", threads=1))
+    assert calls == [1]
