@@ -110,7 +110,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(device: torch.device | None = None) -> bool:
     """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 
     By default glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
@@ -123,8 +123,11 @@ def keep_freed_memory() -> bool:
 
     Sets mallopt(M_MMAP_MAX, 0) (no mmap for malloc: every block from the heap, reused) and
     M_TRIM_THRESHOLD to 2 GiB. Does nothing, and returns False, off Linux/glibc, when the user set
-    any of glibc's MALLOC_* variables or malloc tunables, or preloads another allocator. Process-wide and for
-    the process's lifetime: the trainer and `bench train` call it on a CPU, not the library on import."""
+    any of glibc's MALLOC_* variables or malloc tunables, or preloads another allocator, or when
+    `device` is given and is not the CPU. Process-wide and for the process's lifetime: the trainer
+    and `bench train` call it with their device, not the library on import."""
+    if device is not None and device.type != "cpu":
+        return False
     if not sys.platform.startswith("linux") or any(k in os.environ for k in _MALLOC_ENV):
         return False
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", ""):

@@ -60,13 +60,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, resume: bool = False,
                  log=print, changes: dict[str, Any] | None = None):
-        self.cfg, self.model_overrides, self.resume, self.log = cfg, dict(model_overrides or {}), resume, log
+        self.cfg, self.model_overrides, self.resume = cfg, dict(model_overrides or {}), resume
         self.dist, self.device = setup_distributed(cfg.device)
-        if not self.dist.is_main:
-            self.log = lambda *a, **k: None
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)  # one process speaks
         self.threads = setup_threads(cfg.threads)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults on the step's large buffers (runtime.keep_freed_memory)
+        keep_freed_memory(self.device)  # on a CPU: no page faults on the step's large buffers
         self.attention = resolve_attention(cfg.attention, self.device, cfg.block_size)
         setup_cuda_matmul()
         self.dtype = pick_dtype(cfg.dtype, self.device)

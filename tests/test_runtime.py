@@ -109,6 +109,10 @@ def test_the_trainer_keeps_freed_memory_on_a_cpu(monkeypatch):
     from gptkit.config import TrainConfig
 
     calls = []
-    monkeypatch.setattr(train_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(train_mod, "keep_freed_memory", lambda device: calls.append(device.type) or True)
     train_mod.Trainer(TrainConfig(device="cpu", threads=1))
-    assert calls == [1]
+    assert calls == ["cpu"]
+
+
+def test_keep_freed_memory_is_for_a_cpu_run_only():
+    assert runtime.keep_freed_memory(torch.device("meta")) is False  # returns before touching malloc

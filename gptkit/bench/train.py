@@ -79,8 +79,7 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     n_threads = setup_threads(threads)
-    if dev.type == "cpu":
-        keep_freed_memory()  # as the trainer does; transformers shares the process, so it gains alike
+    keep_freed_memory(dev)  # as the trainer does; transformers shares the process, so it gains alike
     setup_cuda_matmul()
     cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
                        attention=resolve_attention(attention, dev, block_size))
@@ -182,8 +181,7 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     n_threads = setup_threads(threads)
-    if dev.type == "cpu":
-        keep_freed_memory()  # as the trainer does; transformers shares the process, so it gains alike
+    keep_freed_memory(dev)  # as the trainer does; transformers shares the process, so it gains alike
     setup_cuda_matmul()
     cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
                        attention=resolve_attention("auto", dev, block_size))
