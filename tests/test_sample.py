@@ -457,3 +457,34 @@ def test_quality_check_counts_the_leading_greedy_tokens_that_agree():
     expected = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), 64)
     assert 0 < expected < 64  # the case is informative
     assert quality_check(a, b, tokens=64)["greedy_agree"] == expected
+
+
+def test_bf16_copy_runs_gpt2s_mlp_fused_and_as_its_bf16_weights_compute():
+    """quantize_for_inference(..., "bfloat16") on a CPU: each GPT-2 MLP becomes a BF16MLP (GELU fused
+    into c_fc's GEMM, its bf16 output fed to c_proj). Checked against the same computation in fp32
+    over the bf16-rounded weights and input, rounded to bf16 where the fused path rounds, with
+    random biases (a dropped bias or GELU is far outside the bf16 tolerance)."""
+    import torch.nn.functional as F
+
+    from gptkit.quantize import BF16Linear, BF16MLP, quantize_for_inference
+
+    m = tiny_model(std=0.3)
+    q = quantize_for_inference(m, "bfloat16")
+    if q.transformer.h[0].mlp.c_fc.packed is None:
+        pytest.skip("no oneDNN packed bf16 weights on this machine: the unfused path runs")
+    assert all(isinstance(b.mlp, BF16MLP) for b in q.transformer.h)
+    x = torch.randn(3, 7, 32)
+    rb = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    for bq, b in zip(q.transformer.h, m.transformer.h):
+        fc, proj = b.mlp.c_fc, b.mlp.c_proj
+        h = rb(F.gelu(rb(x) @ rb(fc.weight).t() + fc.bias, approximate="tanh"))
+        ref = h @ rb(proj.weight).t() + proj.bias
+        with torch.no_grad():
+            got = bq.mlp(x)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2
+        unfused = F.gelu(rb(x) @ rb(fc.weight).t(), approximate="tanh")  # the bias left out
+        assert float((rb(unfused) @ rb(proj.weight).t() + proj.bias - ref).abs().max() / ref.abs().max()) > 0.05
+    lin = BF16Linear(m.transformer.h[0].attn.c_attn.weight, m.transformer.h[0].attn.c_attn.bias)
+    want = rb(x) @ rb(lin.weight.float()).t() + m.transformer.h[0].attn.c_attn.bias
+    assert float((lin(x) - want).abs().max() / want.abs().max()) < 1e-2  # the bias added inside the GEMM
