@@ -117,9 +117,9 @@ def keep_freed_memory(device: torch.device | None = None) -> bool:
     mmap and unmaps it on free, and returns the top of its heap once more than the trim threshold
     is free. A CPU training step frees and allocates the same large buffers every time (activations,
     gradients, logits), so each step page-faults them in again and the kernel zeroes every page.
-    Measured on 2 cores: the default run made 487 and 512 steps in 30 s against 405 and 434 without
-    this, and a GPT-2 124M step took 0.45 s against 0.54 s. PyTorch's own CPU launcher reaches the
-    same end by preloading jemalloc or tcmalloc.
+    Measured on 2 cores: the default run made 584 and 606 steps in 30 s against 420 and 450 without
+    this, and a GPT-2 124M step (B=4, T=64) took 0.45-0.47 s against 0.54-0.55 s. PyTorch's own CPU
+    launcher reaches the same end by preloading jemalloc or tcmalloc.
 
     Sets mallopt(M_MMAP_MAX, 0) (no mmap for malloc: every block from the heap, reused) and
     M_TRIM_THRESHOLD to 2 GiB. Does nothing, and returns False, off Linux/glibc, when the user set
