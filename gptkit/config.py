@@ -269,7 +269,7 @@ class TrainConfig:
     model: str = "shakespeare-char"  # architecture preset, or a path whose config is used
     init: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | PATH
     # batch
-    batch_size: int = 32  # B, micro-batch per process
+    batch_size: int = 48  # B, micro-batch per process
     block_size: int = 128  # T, sequence length (<= the model's block_size); a model from scratch gets T as its context
     grad_accum: int = 1
     # optimisation
