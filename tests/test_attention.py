@@ -250,8 +250,11 @@ def test_flash_and_sdpa_peak_at_most_half_of_math_memory():
     rows = {r["backend"]: r for r in measure_attention(("math", "sdpa", "flash"), T=2048, n_head=12, head_size=64,
                                                        repeats=1)}
     table = format_table(list(rows.values()))
+    # what attention itself needs: the peak above each process's baseline (torch's own ~250-320 MiB,
+    # which varies with the environment, would otherwise dilute math's scores as it grows)
+    need = {b: r["peak_rss_mib"] - r["baseline_rss_mib"] for b, r in rows.items()}
     for backend in ("sdpa", "flash"):
-        assert rows[backend]["vs_math"] <= 0.5, table
+        assert need[backend] <= 0.5 * need["math"], table
 
 
 def test_attention_benchmark_reports_peak_memory_and_time(capsys):
