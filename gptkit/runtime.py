@@ -142,6 +142,16 @@ def keep_freed_memory(device: torch.device | None = None) -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def setup_training(device: torch.device, threads: int = 0) -> int:
+    """A training process's settings, in one place for the trainer and `bench train`: PyTorch's
+    threads (`setup_threads`), glibc's malloc keeping freed memory on a CPU (`keep_freed_memory`)
+    and TF32 on CUDA (`setup_cuda_matmul`). Returns the number of threads."""
+    n_threads = setup_threads(threads)
+    keep_freed_memory(device)
+    setup_cuda_matmul()
+    return n_threads
+
+
 def _busy_cores(window_s: float = 0.2) -> float:
     """How many cores other processes keep busy right now, from /proc/stat over `window_s` while
     this process waits (the 1-minute load average lags by a minute, and counts runs just ended)."""

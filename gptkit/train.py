@@ -34,9 +34,9 @@ from gptkit.optim import TimeBudget, lr_at, make_optimizer, optimizer_kind, set_
 from gptkit.precision import ShadowWeights
 from gptkit.prepare import PRESETS, ensure_prepared
 from gptkit.runs import StopSignals, create_run_dir, find_resume_checkpoint, resolve_run_dir, save_due
-from gptkit.runtime import (autocast, bf16_weights, keep_freed_memory, measure_peak_flops, pick_dtype,
-                            process_start_time, resolve_attention, setup_cuda_matmul, setup_distributed,
-                            setup_threads, synchronize, teardown_distributed)
+from gptkit.runtime import (autocast, bf16_weights, measure_peak_flops, pick_dtype, process_start_time,
+                            resolve_attention, setup_distributed, setup_threads, setup_training, synchronize,
+                            teardown_distributed)
 from gptkit.inference import sample_text
 from gptkit.tasks import TrainTasks
 from gptkit.tokenizer import CharTokenizer, carry_tokenizer, gpt2_tokenizer, save_gpt2_vocab, tokenizer_from_data
@@ -63,10 +63,8 @@ class Trainer:
         self.cfg, self.model_overrides, self.resume = cfg, dict(model_overrides or {}), resume
         self.dist, self.device = setup_distributed(cfg.device)
         self.log = log if self.dist.is_main else (lambda *a, **k: None)  # one process speaks
-        self.threads = setup_threads(cfg.threads)
-        keep_freed_memory(self.device)  # on a CPU: no page faults on the step's large buffers
+        self.threads = setup_training(self.device, cfg.threads)
         self.attention = resolve_attention(cfg.attention, self.device, cfg.block_size)
-        setup_cuda_matmul()
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.micro_steps = micro_steps_per_process(cfg.grad_accum, self.dist.world_size)
         self.changes = dict(changes or {})  # keys changed on resume: recorded in config.toml and metrics.jsonl

@@ -109,7 +109,7 @@ def test_the_trainer_keeps_freed_memory_on_a_cpu(monkeypatch):
     from gptkit.config import TrainConfig
 
     calls = []
-    monkeypatch.setattr(train_mod, "keep_freed_memory", lambda device: calls.append(device.type) or True)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda device: calls.append(device.type) or True)
     train_mod.Trainer(TrainConfig(device="cpu", threads=1))
     assert calls == ["cpu"]
 

@@ -37,8 +37,8 @@ from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.optim import make_adamw
 from gptkit.precision import ShadowWeights
-from gptkit.runtime import (autocast, bf16_weights, keep_freed_memory, measure_peak_flops, pick_device, pick_dtype,
-                            resolve_attention, setup_cuda_matmul, setup_threads, synchronize)
+from gptkit.runtime import (autocast, bf16_weights, measure_peak_flops, pick_device, pick_dtype, resolve_attention,
+                            setup_training, synchronize)
 
 HELP = "median training-step time (fwd+bwd+AdamW), tokens/s and MFU"
 
@@ -78,9 +78,7 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
         raise GptkitError(f"unknown system(s) to compare: {', '.join(sorted(unknown))}", "--compare", "use hf")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    n_threads = setup_threads(threads)
-    keep_freed_memory(dev)  # as the trainer does; transformers shares the process, so it gains alike
-    setup_cuda_matmul()
+    n_threads = setup_training(dev, threads)  # as the trainer; transformers shares the process and its settings
     cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
                        attention=resolve_attention(attention, dev, block_size))
     if block_size > cfg.block_size:
@@ -180,9 +178,7 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
                    param_dtype, threads) -> dict:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    n_threads = setup_threads(threads)
-    keep_freed_memory(dev)  # as the trainer does; transformers shares the process, so it gains alike
-    setup_cuda_matmul()
+    n_threads = setup_training(dev, threads)  # as the trainer; transformers shares the process and its settings
     cfg = model_preset(model, block_size=max(block_size, MODEL_PRESETS[model].get("block_size", 1024)),
                        attention=resolve_attention("auto", dev, block_size))
     peak = measure_peak_flops(dev, dt, n=1024)
