@@ -17,15 +17,16 @@ import torch
 class ShadowWeights:
     """A copy of `master` in `dtype` for forward/backward, kept in step with the fp32 master."""
 
-    def __init__(self, master: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, master: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, sparse_tied: bool = True):
         self.master = master
         self.module = copy.deepcopy(master).to(dtype)  # deepcopy keeps tied weights tied
         # A tied embedding (GPT-2's wte = lm_head) gets a sparse gradient from its lookup, added
         # into lm_head's dense one: no zero-filled (Vp, C) buffer per step (13% of a GPT-2 124M
-        # step at B=4, T=64 on one core), and the same sum.
+        # step at B=4, T=64 on one core), and the same sum. Not under torch.compile, whose
+        # Inductor backend cannot compile a backward that makes a sparse gradient.
         linear_weights = {id(m.weight) for m in self.module.modules() if isinstance(m, torch.nn.Linear)}
         for m in self.module.modules():
-            if isinstance(m, torch.nn.Embedding) and id(m.weight) in linear_weights:
+            if sparse_tied and isinstance(m, torch.nn.Embedding) and id(m.weight) in linear_weights:
                 m.sparse = True
         self.master_params = list(master.parameters())
         self.shadow_params = list(self.module.parameters())

@@ -374,7 +374,7 @@ def training_module(model: GPT, cfg: TrainConfig, dtype, device, dist, fsdp: boo
         if dist.enabled:
             raise GptkitError("param_dtype=bfloat16 runs in a single process", "param_dtype",
                               "use param_dtype=float32 with torchrun")
-        shadow = ShadowWeights(model, torch.bfloat16)
+        shadow = ShadowWeights(model, torch.bfloat16, sparse_tied=not cfg.compile)
         train_model = shadow.module
     if cfg.compile:
         train_model = compile_model(train_model, log)

@@ -241,10 +241,20 @@ def test_compile_failure_falls_back_to_eager(char_data, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(char_data, tmp_path):
-    res_e = train(*_cfg(char_data, tmp_path / "eager"), log=_silent)
-    res_c = train(*_cfg(char_data, tmp_path / "compiled", compile=True), log=_silent)
-    assert res_c.final_val_loss == pytest.approx(res_e.final_val_loss, rel=1e-3)
+@pytest.mark.parametrize("dtype,rel", [("float32", 1e-3), ("bfloat16", 2e-2)])
+def test_compiled_training_matches_eager(char_data, tmp_path, dtype, rel):
+    # bfloat16 on a CPU trains a bf16 copy with fp32 masters (the default run's setting); its tied
+    # embedding's sparse gradient, which Inductor cannot compile, stays dense under compile
+    kw = dict(dtype=dtype, n_layer=2, n_embd=32, max_steps=30)
+    res_e = train(*_cfg(char_data, tmp_path / "eager", **kw), log=_silent)
+    logs = []
+    res_c = train(*_cfg(char_data, tmp_path / "compiled", compile=True, **kw),
+                  log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    assert dtype == "float32" or any("bf16 weights + fp32 master" in line for line in logs)
+    assert res_c.final_val_loss == pytest.approx(res_e.final_val_loss, rel=rel)
+    rows = [json.loads(line) for line in (res_c.run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["train_loss"] for r in rows if r.get("train_loss") is not None)
+    assert res_c.final_val_loss < 0.8 * first  # it learned: not a failure both runs share
 
 
 def test_bench_train_cli_prints_json_lines_for_gptkit_and_transformers():
