@@ -84,7 +84,7 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
     if block_size > cfg.block_size:
         raise GptkitError(f"block size {block_size} exceeds the model's context {cfg.block_size}", "--block-size",
                           "use a smaller --block-size")
-    peak = measure_peak_flops(dev, dt, n=2048)  # the MFU denominator, measured now, in this run's dtype
+    peak = measure_peak_flops(dev, dt, n=2048, min_s=1.0)  # the MFU denominator, measured now, in this run's dtype
     sync = lambda: synchronize(dev)  # noqa: E731
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=g).to(dev)
@@ -138,7 +138,8 @@ def _training_step(mode: str, cfg, dev, dt, param_dtype: str, x, y, compile: boo
         lora.apply_lora(net, lora.LoraSpec(lora_rank, 2.0 * lora_rank, 0.0, lora.parse_targets(lora_targets, net)))
         trainable = lora.freeze_base(net)
     opt, _ = make_adamw(net, lr=1e-4, weight_decay=0.1, device_type=dev.type)
-    shadow = ShadowWeights(net, torch.bfloat16) if mode != "hf" and bf16_weights(param_dtype, dt, dev) else None
+    use_shadow = mode != "hf" and bf16_weights(param_dtype, dt, dev)
+    shadow = ShadowWeights(net, torch.bfloat16, sparse_tied=not compile) if use_shadow else None
     fwd = shadow.module if shadow else net
     fwd = torch.compile(fwd) if compile else fwd
 
