@@ -154,8 +154,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # start: the model wrappers that train, the run's files, the counters of the loop
     def _start(self) -> None:
-        cfg, dist, model, mcfg = self.cfg, self.dist, self.model, self.mcfg
-        self.train_model, self.shadow = training_module(model, cfg, self.dtype, self.device, dist, self.fsdp, self.log)
+        cfg, dist, model, mcfg, opt = self.cfg, self.dist, self.model, self.mcfg, self.optimizer
+        self.train_model, self.shadow = training_module(model, cfg, self.dtype, self.device, dist, self.fsdp, self.log, opt)
         if dist.is_main:
             make_dir(self.run_dir, "--out")
             write_toml(self.run_dir / "config.toml", cfg.to_dict(), mcfg.to_dict(), resume_note(self.step, self.changes))
@@ -226,15 +226,16 @@ class Trainer:
                 (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach()
         loss_avg = loss_sum / self.micro_steps
-        if self.shadow:
+        if self.shadow:  # (under compile=true with AdamW, the update reads the bf16 gradients itself)
             self.shadow.grads_to_master()
         if dist.enabled:
             tdist.all_reduce(loss_avg, op=tdist.ReduceOp.AVG)
         if scaler:
             scaler.unscale_(optimizer)
         # the norm is taken even without clipping: a non-finite gradient must not reach AdamW
-        gnorm = parallel.local_scalar(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        gnorm = parallel.local_scalar(self.shadow.clip_grad_norm_(max_norm) if self.shadow else
+                                      torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.step_skipped = False
         if scaler:  # the scaler skips steps with inf/NaN gradients and lowers its scale
             scaler.step(optimizer)
@@ -245,10 +246,10 @@ class Trainer:
             self.progress.say(f"step {self.step + 1}: non-finite {'loss' if not torch.isfinite(loss_avg) else 'gradient'}, "
                       f"step skipped ({self.skipped} so far)")
         else:
-            optimizer.step()
+            self.shadow.step(optimizer) if self.shadow else optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if self.shadow:
-            self.shadow.pull()
+            self.shadow.after_step()
         self.loss_avg = loss_avg
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -366,9 +367,9 @@ def micro_steps_per_process(grad_accum: int, world: int) -> int:
     return max(1, grad_accum // world)
 
 
-def training_module(model: GPT, cfg: TrainConfig, dtype, device, dist, fsdp: bool, log):
+def training_module(model: GPT, cfg: TrainConfig, dtype, device, dist, fsdp: bool, log, optimizer=None):
     """(the module forward/backward run through, its ShadowWeights or None): bf16 weights with fp32
-    masters, torch.compile and DDP, as the config asks."""
+    masters, torch.compile (with plain AdamW over masters, a compiled update too) and DDP, as the config asks."""
     train_model, shadow = model, None
     if bf16_weights(cfg.param_dtype, dtype, device, dist.enabled):  # fp32 master weights update
         if dist.enabled:
@@ -378,6 +379,8 @@ def training_module(model: GPT, cfg: TrainConfig, dtype, device, dist, fsdp: boo
         train_model = shadow.module
     if cfg.compile:
         train_model = compile_model(train_model, log)
+        if shadow and type(optimizer) is torch.optim.AdamW:
+            shadow.fuse_adamw(optimizer)
     if dist.enabled and not fsdp:
         train_model = parallel.wrap_ddp(train_model, device)
     return train_model, shadow
@@ -401,7 +404,8 @@ def model_line(t: Trainer) -> str:
             f"vocab {m.vocab_size}, context {m.block_size}), weights from {weights}; device {t.device}, "
             f"{str(t.dtype)[6:]}{par}; {t.tokens_per_step:,} tokens/step; {t.attention} attention; "
             f"{'bf16 weights + fp32 master' if t.shadow else 'fp32 weights'}; "
-            f"{'Muon + AdamW' if cfg.optimizer == 'muon' else 'AdamW'}; "
+            f"{'Muon + AdamW' if cfg.optimizer == 'muon' else 'AdamW'}"
+            f"{' (compiled update over the masters)' if t.shadow and t.shadow.adamw is not None else ''}; "
             f"{t.threads} thread{'s' if t.threads != 1 else ''}; run dir {t.run_dir}")
 
 

@@ -104,6 +104,63 @@ def test_bf16_weights_with_fp32_master_loss_curve_within_1_percent_of_fp32_adamw
     assert abs(low[-1] - ref[-1]) / ref[-1] < 0.01
 
 
+def _fused_pair(max_norm: float, compiled: bool = True):
+    """Two copies of a small model with bf16 shadows: one updated as the trainer does without
+    compile (fp32 gradients, clip_grad_norm_, torch.optim.AdamW(fused=True), pull), the other by
+    the fused update (compiled, or its eager function), fed the same bf16 gradients each step."""
+    import gptkit.precision as precision
+
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32))
+    b = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32))
+    b.load_state_dict(a.state_dict())
+    oa, _ = optim_mod.make_adamw(a, 1e-2, 0.1)
+    ob, _ = optim_mod.make_adamw(b, 1e-2, 0.1)
+    sa, sb = ShadowWeights(a, sparse_tied=False), ShadowWeights(b, sparse_tied=False)
+    sb.fuse_adamw(ob)
+    if not compiled:
+        sb._update, sb._norm = precision._adamw_master_update, precision._grad_norm
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for s1, s2 in zip(sa.shadow_params, sb.shadow_params):
+            s1.grad = (torch.randn(s1.shape, generator=g) * 0.1).to(torch.bfloat16)
+            s2.grad = s1.grad.clone()
+        sa.grads_to_master()
+        sb.grads_to_master()  # fused: leaves them in the shadow
+        assert all(p.grad is None for p in b.parameters())
+        na, nb = sa.clip_grad_norm_(max_norm), sb.clip_grad_norm_(max_norm)
+        assert float(nb) == pytest.approx(float(na), rel=1e-5)
+        sa.step(oa)
+        sb.step(ob)
+        oa.zero_grad(set_to_none=True)
+        ob.zero_grad(set_to_none=True)
+        sa.after_step()
+        sb.after_step()
+    return (a, oa, sa), (b, ob, sb)
+
+
+@pytest.mark.slow
+def test_compiled_fused_master_adamw_update_matches_its_eager_math():
+    (a, oa, _), (b, ob, _) = _fused_pair(1.0, compiled=True)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ob.state[q]["exp_avg_sq"], oa.state[p]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("max_norm", [float("inf"), 1.0])  # unclipped, and clipped (the norm is ~5)
+def test_fused_master_adamw_update_is_torch_adamw_over_the_same_bf16_gradients(max_norm):
+    # eager here (the compiled pass is checked in the slow trainer test): the same math and state
+    (a, oa, sa), (b, ob, sb) = _fused_pair(max_norm, compiled=False)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ob.state[q][k], oa.state[p][k], rtol=1e-6, atol=1e-9)
+    for s1, s2 in zip(sa.shadow_params, sb.shadow_params):
+        assert s2.dtype == torch.bfloat16 and s2.grad is None
+        assert (s2.float() - s1.float()).abs().max() <= 2 ** -7 * s1.float().abs().max()  # ≤ 1 bf16 ulp apart
+    assert ob.state_dict()["state"].keys() == oa.state_dict()["state"].keys()  # checkpoints alike
+
+
 # Stated tolerance of bf16 autocast against fp32 over the same 100 steps: every point of the
 # 10-step averaged loss curve within 2%, and the mean over the last 20 steps within 1%.
 BF16_CURVE_RTOL, BF16_FINAL_RTOL = 0.02, 0.01
@@ -241,16 +298,19 @@ def test_compile_failure_falls_back_to_eager(char_data, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,rel", [("float32", 1e-3), ("bfloat16", 2e-2)])
-def test_compiled_training_matches_eager(char_data, tmp_path, dtype, rel):
+@pytest.mark.parametrize("dtype,optimizer,rel", [("float32", "auto", 1e-3), ("bfloat16", "auto", 2e-2),
+                                                ("bfloat16", "adamw", 2e-2)])
+def test_compiled_training_matches_eager(char_data, tmp_path, dtype, optimizer, rel):
     # bfloat16 on a CPU trains a bf16 copy with fp32 masters (the default run's setting); its tied
-    # embedding's sparse gradient, which Inductor cannot compile, stays dense under compile
-    kw = dict(dtype=dtype, n_layer=2, n_embd=32, max_steps=30)
+    # embedding's sparse gradient, which Inductor cannot compile, stays dense under compile. With
+    # AdamW, the update (gradients to fp32, clipping, AdamW, the bf16 copy) is one compiled pass.
+    kw = dict(dtype=dtype, optimizer=optimizer, n_layer=2, n_embd=32, max_steps=30, grad_clip=0.5)
     res_e = train(*_cfg(char_data, tmp_path / "eager", **kw), log=_silent)
     logs = []
     res_c = train(*_cfg(char_data, tmp_path / "compiled", compile=True, **kw),
                   log=lambda *a, **k: logs.append(" ".join(map(str, a))))
     assert dtype == "float32" or any("bf16 weights + fp32 master" in line for line in logs)
+    assert any("compiled update" in line for line in logs) == (optimizer == "adamw")
     assert res_c.final_val_loss == pytest.approx(res_e.final_val_loss, rel=rel)
     rows = [json.loads(line) for line in (res_c.run_dir / "metrics.jsonl").read_text().splitlines()]
     first = next(r["train_loss"] for r in rows if r.get("train_loss") is not None)

@@ -142,6 +142,8 @@ def _training_step(mode: str, cfg, dev, dt, param_dtype: str, x, y, compile: boo
     shadow = ShadowWeights(net, torch.bfloat16, sparse_tied=not compile) if use_shadow else None
     fwd = shadow.module if shadow else net
     fwd = torch.compile(fwd) if compile else fwd
+    if compile and shadow and type(opt) is torch.optim.AdamW:  # as the trainer: one compiled update pass
+        shadow.fuse_adamw(opt)
 
     def step():
         with autocast(dev, dt):
@@ -149,10 +151,10 @@ def _training_step(mode: str, cfg, dev, dt, param_dtype: str, x, y, compile: boo
         loss.backward()
         if shadow:
             shadow.grads_to_master()
-        opt.step()
+        shadow.step(opt) if shadow else opt.step()
         opt.zero_grad(set_to_none=True)
         if shadow:
-            shadow.pull()
+            shadow.after_step()
 
     return step, net, trainable, shadow is not None
 
