@@ -132,12 +132,13 @@ class ShadowWeights:
             by_step: dict[float, list[int]] = {}  # the bias corrections, per step count (one, normally)
             for i, t in enumerate(steps):
                 by_step.setdefault(float(t), []).append(i)
+            dev = ps[0].device
             for t, idx in by_step.items():
                 self._update([ps[i].data for i in idx], [grads[i] for i in idx], [shadows[i].data for i in idx],
                              [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
-                             torch.tensor(float(group["lr"])), self.clip_coef, torch.tensor(1 - b1**t),
-                             torch.tensor((1 - b2**t) ** 0.5), float(b1), float(b2), float(group["eps"]),
-                             float(group["weight_decay"]))
+                             torch.tensor(float(group["lr"]), device=dev), self.clip_coef.to(dev),
+                             torch.tensor(1 - b1**t, device=dev), torch.tensor((1 - b2**t) ** 0.5, device=dev),
+                             float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]))
         self.zero_grad()
 
     def zero_grad(self) -> None:
