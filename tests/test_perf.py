@@ -356,3 +356,20 @@ def test_busy_cores_sees_another_process_spinning():
     finally:
         spin.kill()
         spin.wait()
+
+
+@pytest.mark.slow
+def test_bench_train_compile_runs_both_systems_compiled_with_their_training_memory():
+    # --compile with bf16 weights crashed in gptkit's first backward (a sparse embedding gradient),
+    # and its memory was measured uncompiled; now both run compiled, the peak counted after compiling
+    pytest.importorskip("transformers")
+    from gptkit.bench.train import bench_train
+
+    rows = bench_train("gpt2-tiny", batch_size=2, block_size=32, dtype="bfloat16", steps=2, warmup=1,
+                       compare=["hf"], compile=True, memory=True)
+    assert [r["system"] for r in rows] == ["gptkit", "transformers"]
+    assert rows[0]["weights"] == "bf16 + fp32 master"
+    for r in rows:
+        assert r["compile"] and r["median_step_s"] > 0
+        # fp32 masters (or weights) and AdamW's two moments at least
+        assert r["peak_mem_mib"] >= 3 * r["params"] * 4 / 2**20 * 0.9, r

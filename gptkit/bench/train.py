@@ -120,7 +120,7 @@ def bench_train(model: str = "gpt2", batch_size: int = 4, block_size: int = 64, 
             mode = "hf" if row["system"] == "transformers" else "full"
             with ctx.Pool(1) as pool:
                 m = pool.apply(_memory_worker, (mode, model, batch_size, block_size, dtype, min(steps, 3), 1, device,
-                                                0, "", param_dtype, threads))
+                                                0, "", param_dtype, threads, compile))
             row.update(peak_mem_mib=m["peak_mem_mib"], mem_source=m["mem_source"])
     return results
 
@@ -178,7 +178,7 @@ def bench_lora_memory(model: str = "gpt2", batch_size: int = 4, block_size: int 
 
 
 def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, device, lora_rank, lora_targets,
-                   param_dtype, threads) -> dict:
+                   param_dtype, threads, compile: bool = False) -> dict:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     n_threads = setup_training(dev, threads)  # as the trainer; transformers shares the process and its settings
@@ -198,8 +198,12 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
     else:
         start, source = _cpu_peak_start()
     torch.manual_seed(0)
-    step, net, trainable, _ = _training_step(mode, cfg, dev, dt, param_dtype, x, y, lora_rank=lora_rank,
+    step, net, trainable, _ = _training_step(mode, cfg, dev, dt, param_dtype, x, y, compile, lora_rank=lora_rank,
                                              lora_targets=lora_targets)
+    if compile:  # what compiling allocates is not training memory: the peak starts again after a compiled step
+        step()
+        synchronize(dev)
+        _reset_peak(dev)
     times = _step_times(step, steps, warmup, lambda: synchronize(dev))
     if dev.type == "cuda":
         used, source = torch.cuda.max_memory_allocated(dev) - start, "cuda_max_memory_allocated"
@@ -220,6 +224,18 @@ def _memory_worker(mode, model, batch_size, block_size, dtype, steps, warmup, de
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak(dev: torch.device) -> None:
+    """The peak measured from now on starts at what is in use now (where the platform can reset it)."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _cpu_peak_start() -> tuple[int, str]:
