@@ -65,15 +65,17 @@ class ShadowWeights:
 
     # ------------------------------------------------------------------------------------------
     # the fused update (compile=true, plain AdamW): grads_to_master + clipping + AdamW + pull in one pass
-    def fuse_adamw(self, optimizer: torch.optim.AdamW) -> None:
-        """From now on, `grad_norm_` and `adamw_step` replace grads_to_master, clip_grad_norm_,
-        optimizer.step() and pull. `optimizer` must hold the master parameters."""
+    def fuse_adamw(self, optimizer) -> bool:
+        """If `optimizer` is a plain torch.optim.AdamW over the master parameters: from now on,
+        `grad_norm_` and `adamw_step` replace grads_to_master, clip_grad_norm_, optimizer.step()
+        and pull. Returns whether it did (any other optimizer keeps the three passes)."""
         if type(optimizer) is not torch.optim.AdamW or any(g["amsgrad"] or g["maximize"] for g in optimizer.param_groups):
-            raise ValueError("fuse_adamw takes a plain torch.optim.AdamW")
+            return False
         self.adamw = optimizer
         self._shadow_of = {id(m): s for m, s in zip(self.master_params, self.shadow_params)}
         self._update = torch.compile(_adamw_master_update, dynamic=False)
         self._norm = torch.compile(_grad_norm, dynamic=False)  # 5x torch._foreach_norm's speed on bf16 (a CPU)
+        return True
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """The gradients' total 2-norm, clipped to `max_norm` (torch.nn.utils.clip_grad_norm_ over

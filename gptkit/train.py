@@ -379,8 +379,8 @@ def training_module(model: GPT, cfg: TrainConfig, dtype, device, dist, fsdp: boo
         train_model = shadow.module
     if cfg.compile:
         train_model = compile_model(train_model, log)
-        if shadow and type(optimizer) is torch.optim.AdamW:
-            shadow.fuse_adamw(optimizer)
+        if shadow:
+            shadow.fuse_adamw(optimizer)  # with plain AdamW: one compiled update pass
     if dist.enabled and not fsdp:
         train_model = parallel.wrap_ddp(train_model, device)
     return train_model, shadow

@@ -117,7 +117,8 @@ def _fused_pair(max_norm: float, compiled: bool = True):
     oa, _ = optim_mod.make_adamw(a, 1e-2, 0.1)
     ob, _ = optim_mod.make_adamw(b, 1e-2, 0.1)
     sa, sb = ShadowWeights(a, sparse_tied=False), ShadowWeights(b, sparse_tied=False)
-    sb.fuse_adamw(ob)
+    assert sb.fuse_adamw(ob)
+    assert not ShadowWeights(a).fuse_adamw(LowPrecisionAdamW(a.parameters(), state_dtype=torch.bfloat16))
     if not compiled:
         sb._update, sb._norm = precision._adamw_master_update, precision._grad_norm
     g = torch.Generator().manual_seed(1)

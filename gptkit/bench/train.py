@@ -142,7 +142,7 @@ def _training_step(mode: str, cfg, dev, dt, param_dtype: str, x, y, compile: boo
     shadow = ShadowWeights(net, torch.bfloat16, sparse_tied=not compile) if use_shadow else None
     fwd = shadow.module if shadow else net
     fwd = torch.compile(fwd) if compile else fwd
-    if compile and shadow and type(opt) is torch.optim.AdamW:  # as the trainer: one compiled update pass
+    if compile and shadow:  # as the trainer: with plain AdamW, one compiled update pass
         shadow.fuse_adamw(opt)
 
     def step():
@@ -230,24 +230,27 @@ def _reset_peak(dev: torch.device) -> None:
     """The peak measured from now on starts at what is in use now (where the platform can reset it)."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-        return
+    else:
+        _reset_cpu_peak()
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux: /proc/self/clear_refs, "5")."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        return True
     except OSError:
-        pass
+        return False
 
 
 def _cpu_peak_start() -> tuple[int, str]:
-    """Bytes to measure the peak from, and how. On Linux the process's peak RSS is reset first
-    (/proc/self/clear_refs, "5"), so the peak measured is this run's, not an earlier high-water mark
-    (the GEMM that measured the FLOP rate, say); elsewhere ru_maxrss, which cannot be reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    """Bytes to measure the peak from, and how. On Linux the process's peak RSS is reset first, so
+    the peak measured is this run's, not an earlier high-water mark (the GEMM that measured the
+    FLOP rate, say); elsewhere ru_maxrss, which cannot be reset."""
+    if _reset_cpu_peak():
         return _status_kib("VmRSS") * 1024, "cpu_peak_rss"
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"  # Linux: KiB
 
 
 def _cpu_peak() -> int:
